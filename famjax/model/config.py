@@ -1,0 +1,151 @@
+"""ModelConfig: the one validated description of a famjax decoder (spec ../shared/docs/fam.md §1-§5).
+
+Validation happens on construction, so a bad value fails before anything is traced or compiled, with a
+`ValueError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class AttentionKind(str, enum.Enum):
+  """Which attention pattern the decoder uses (spec §2)."""
+
+  FULL = "full"  # plain causal attention over every earlier token
+  BSWA = "bswa"  # block sliding window: own block causally + `mem_segments` whole previous blocks
+  FAM = "fam"  # BSWA + the layer's feedback attention memory of `fam_len` rows
+
+
+# Remat (activation checkpointing) policies for the scan over layers, by name.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+
+
+def _as_dtype(name: str, value: Any) -> Any:
+  try:
+    return jnp.dtype(value)
+  except TypeError as e:
+    raise ValueError(f"ModelConfig.{name}: {value!r} is not a dtype ({e})") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and attention pattern of a Llama-family decoder with optional FAM.
+
+  Attributes:
+    vocab_size: number of token ids (V).
+    d_model: width of the residual stream (D).
+    n_layers: number of decoder layers (L).
+    n_heads: query heads (N).
+    n_kv_heads: key/value heads (K); N % K == 0 (K == N: MHA, 1 < K < N: GQA, K == 1: MQA).
+    head_dim: per-head width (H); None means d_model // n_heads.
+    mlp_dim: SwiGLU hidden width (M).
+    attention: "full" | "bswa" | "fam" (spec §2).
+    block_size: tokens per block (B in the spec) for bswa and fam; also the query chunk of `full`.
+    mem_segments: whole previous blocks each block attends to (m in the spec).
+    fam_len: rows of feedback memory per layer (F); 0 makes fam equal bswa.
+    rope_theta: RoPE base.
+    rms_eps: RMSNorm epsilon.
+    tie_embeddings: logits through the transposed embedding instead of a separate output matrix.
+    embed_scale: multiply token embeddings by sqrt(d_model) (Gemma-style; off for Llama).
+    dtype: compute dtype (activations, matmuls). Softmax and norms run in float32 regardless.
+    param_dtype: storage dtype of the parameters (the master copy in training).
+    remat: activation checkpointing policy of the scan over layers, one of REMAT_POLICIES.
+    init_std: standard deviation of the random initialisation of weight matrices and embeddings.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 4
+  head_dim: int | None = None
+  mlp_dim: int = 256
+  attention: str = "fam"
+  block_size: int = 16
+  mem_segments: int = 1
+  fam_len: int = 4
+  rope_theta: float = 10_000.0
+  rms_eps: float = 1e-6
+  tie_embeddings: bool = False
+  embed_scale: bool = False
+  dtype: Any = "bfloat16"
+  param_dtype: Any = "float32"
+  remat: str = "full"
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "block_size")
+    for name in positive:
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+    for name in ("mem_segments", "fam_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"ModelConfig.head_dim: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+            "set head_dim explicitly")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, (int, np.integer)) \
+        or self.head_dim <= 0 or self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be a positive even integer (RoPE pairs), "
+                       f"got {self.head_dim!r}")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+    try:
+      object.__setattr__(self, "attention", AttentionKind(self.attention).value)
+    except ValueError:
+      raise ValueError(f"ModelConfig.attention must be one of "
+                       f"{[k.value for k in AttentionKind]}, got {self.attention!r}") from None
+    if self.fam_len > self.block_size:
+      raise ValueError(f"ModelConfig.fam_len={self.fam_len} must not exceed block_size={self.block_size} "
+                       "(a FAM state takes the positions of the last fam_len tokens of a block, spec §5)")
+    if not (float(self.rope_theta) > 1.0):
+      raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")
+    if not (0.0 < float(self.rms_eps) < 1.0):
+      raise ValueError(f"ModelConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
+    if not (float(self.init_std) > 0.0):
+      raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    for name in ("dtype", "param_dtype"):
+      dt = _as_dtype(name, getattr(self, name))
+      if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"ModelConfig.{name} must be a floating dtype, got {dt}")
+      object.__setattr__(self, name, dt.name)  # stored as a name so the config stays hashable
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def storage_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def uses_blocks(self) -> bool:
+    """bswa and fam: constant-size streaming state; full: a growing key/value cache."""
+    return self.attention != AttentionKind.FULL.value
+
+  @property
+  def has_fam(self) -> bool:
+    """A learned prompt and per-layer FAM state exist (attention == fam and fam_len > 0)."""
+    return self.attention == AttentionKind.FAM.value and self.fam_len > 0
+
+  def replace(self, **changes) -> "ModelConfig":
+    unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      raise ValueError(f"ModelConfig has no field(s) {sorted(unknown)}")
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)

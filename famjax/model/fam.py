@@ -1,0 +1,252 @@
+"""One TransformerFAM decoder layer over a chunk of tokens: the algorithm of spec §2-§5, run as §9 says.
+
+Read this file next to ../shared/docs/fam.md. A layer sees a chunk of `n` new tokens and its context (the
+streaming state of this layer): the raw keys/values of the last `m` complete blocks and of the pending
+partial block, and its FAM. The parallel forward is the same function on an empty context, so streaming
+equals the parallel forward by construction, and the tests check both against a slow reference.
+
+The execution order (spec §9):
+  1. project all new tokens at once (q, k, v);
+  2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block;
+  3. the block attention of every block at once, given the FAM each block saw;
+  4. the output projection and MLP of all tokens (in `decoder_layer`).
+No L x L score matrix exists: scores are [blocks, B, (m+1)*B + F], memory O(L * (m+1) * B).
+
+Rotary positions (spec §5): every angle is computed from a position relative to the start of the block
+whose queries use it, so angles stay small and exact on unbounded streams. Keys are kept unrotated in the
+state and rotated at use. Only `position_offset` (RPO, spec §6) adds a large number, on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from famjax.model.config import ModelConfig
+from famjax.model.layers import attend, rms_norm, rope, swiglu
+
+
+class LayerContext(NamedTuple):
+  """What one layer keeps between chunks (the per-layer slice of StreamState).
+
+  k, v: raw (unrotated) keys/values [B, W, K, H]. bswa/fam: W = (m+1)*S, the m memory blocks (oldest
+    first) then the pending partial block. full: the key/value cache, W = its capacity.
+  fam: this layer's FAM [B, F, D] (F = 0 without FAM).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  fam: jax.Array
+
+
+class ChunkInfo(NamedTuple):
+  """Counters shared by all layers (every layer advances over the same tokens).
+
+  context: bswa/fam: how many of the m memory slots hold a real block; full: cached tokens.
+  pending: bswa/fam: tokens already in the pending block (the chunk continues it).
+  fam_from_prompt: [B] True while the FAM is still the prompt's (its first update uses residual 0, §3).
+  token_valid: [B, n] False marks padding, or None.
+  position_offset: [B] float RPO offset (spec §6), or None.
+  """
+
+  context: jax.Array
+  pending: jax.Array
+  fam_from_prompt: jax.Array
+  token_valid: jax.Array | None
+  position_offset: jax.Array | None
+
+
+def _positions(rel: jax.Array, offset: jax.Array | None) -> jax.Array:
+  """Relative positions `rel` [..., T], plus the per-example RPO offset [B] broadcast in front."""
+  rel = rel.astype(jnp.float32)
+  if offset is None:
+    return rel
+  return offset.reshape(offset.shape + (1,) * rel.ndim) + rel
+
+
+def _project_qkv(p: dict, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  q = jnp.einsum("BTD,DNH->BTNH", h, p["q"])
+  k = jnp.einsum("BTD,DKH->BTKH", h, p["k"])
+  v = jnp.einsum("BTD,DKH->BTKH", h, p["v"])
+  return checkpoint_name(q, "qkv"), checkpoint_name(k, "qkv"), checkpoint_name(v, "qkv")
+
+
+def _mlp_block(p: dict, a: jax.Array, eps: float) -> jax.Array:
+  """O = A + MLP(RMSNorm(A)) (spec §1)."""
+  return a + swiglu(rms_norm(a, p["mlp_norm"], eps), p["gate"], p["up"], p["down"])
+
+
+def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array, k_block: jax.Array,
+               v_block: jax.Array, block_valid: jax.Array, offset: jax.Array | None):
+  """Spec §3 steps 1 and 3 for one block: the FAM queries read [own FAM, whole block] -> F_new.
+
+  fam [B, F, D] is F_prev at positions -F..-1 relative to the block; k_block [B, S, K, H] is already
+  rotated at 0..S-1. Returns (F_next, kF, vF), kF/vF being F_prev's keys/values that the block's tokens
+  attend to (step 2). F_next = F_prev unless the block is complete (famjax: updates on complete blocks).
+  """
+  F = fam.shape[1]
+  fam_pos = _positions(jnp.arange(-F, 0), offset)
+  qF, kF, vF = _project_qkv(p, rms_norm(fam, p["attn_norm"], cfg.rms_eps))  # same weights and norm
+  qF, kF = rope(qF, fam_pos, cfg.rope_theta), rope(kF, fam_pos, cfg.rope_theta)
+  keys = jnp.concatenate([kF, k_block], axis=1)
+  values = jnp.concatenate([vF, v_block], axis=1)
+  # FAM->FAM bidirectional; every FAM query sees the whole current block (not the memory); padding out.
+  mask = jnp.concatenate([jnp.ones((fam.shape[0], F), bool), block_valid], axis=1)[:, None, :]
+  read = attend(qF, keys, values, mask)
+  residual = jnp.where(from_prompt[:, None, None], jnp.zeros_like(fam), fam)  # R = 0 after the prompt
+  af = residual + jnp.einsum("BFNH,NHD->BFD", read, p["o"])
+  new = _mlp_block(p, af, cfg.rms_eps)
+  complete = jnp.all(block_valid, axis=-1)
+  return jnp.where(complete[:, None, None], new, fam), kF, vF
+
+
+def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo,
+                          max_pending: int):
+  """bswa / fam attention of a chunk's queries (spec §2, §3 step 2), plus the layer's next context.
+
+  q [B, n, N, H], k/v [B, n, K, H] are the new tokens' projections. The chunk continues the pending
+  block: new token i sits at slot `pending + i` of the chunk's blocks. `max_pending` (static) bounds
+  `pending` and so fixes how many blocks the chunk spans.
+  """
+  S, m = cfg.block_size, cfg.mem_segments
+  Bsz, n, K, H = k.shape
+  C = -(-(max_pending + n) // S)  # blocks the chunk touches
+  start = info.pending
+
+  def lay_out(new, pending_block, fill):
+    """New rows at slots start..start+n-1 of C blocks, after the pending rows: [B, C, S, ...]."""
+    buf = jnp.full((Bsz, C * S) + new.shape[2:], fill, new.dtype)
+    if max_pending and pending_block is not None:
+      buf = buf.at[:, :S].set(pending_block)
+    buf = jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+    return buf.reshape((Bsz, C, S) + new.shape[2:])
+
+  mem_k, pend_k = ctx.k[:, :m * S].reshape(Bsz, m, S, K, H), ctx.k[:, m * S:]
+  mem_v, pend_v = ctx.v[:, :m * S].reshape(Bsz, m, S, K, H), ctx.v[:, m * S:]
+  qb = lay_out(q, None, 0)
+  kb = lay_out(k, pend_k, 0)
+  vb = lay_out(v, pend_v, 0)
+  slot = jnp.arange(C * S).reshape(C, S)
+  valid = jnp.broadcast_to(slot < start + n, (Bsz, C, S))
+  if info.token_valid is not None:
+    valid = valid & lay_out(info.token_valid, None, True)
+
+  # Memory: the context's m blocks, then the chunk's own; block c's memory is ext[c .. c+m-1].
+  mem_valid = jnp.broadcast_to((jnp.arange(m) >= m - info.context)[None, :, None], (Bsz, m, S))
+  ext_k = jnp.concatenate([mem_k, kb], axis=1)
+  ext_v = jnp.concatenate([mem_v, vb], axis=1)
+  ext_valid = jnp.concatenate([mem_valid, valid], axis=1)
+
+  def block_positions(shift):  # positions of a block starting `shift` tokens before the query block
+    return _positions(jnp.arange(S) - shift, info.position_offset)[..., None, :]  # [(B,) 1, S]
+
+  q_rot = rope(qb, block_positions(0), cfg.rope_theta)
+  k_self = rope(kb, block_positions(0), cfg.rope_theta)
+  keys, values = [k_self], [vb]
+  causal = jnp.tril(jnp.ones((S, S), bool))
+  masks = [causal & valid[:, :, None, :]]
+  for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2)
+    keys.append(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta))
+    values.append(ext_v[:, m - j:m - j + C])
+    masks.append(jnp.broadcast_to(ext_valid[:, m - j:m - j + C, None, :], (Bsz, C, S, S)))
+
+  new_fam = ctx.fam
+  if cfg.has_fam:
+    # Step 2 of spec §9: the only sequential part, F rows per block.
+    def step(carry, blk):
+      fam, from_prompt = carry
+      k_blk, v_blk, valid_blk = blk
+      fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, info.position_offset)
+      return (fam, from_prompt & ~jnp.all(valid_blk, axis=-1)), (kF, vF)
+
+    blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
+    (new_fam, _), (kF, vF) = jax.lax.scan(step, (ctx.fam, info.fam_from_prompt),
+                                          (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
+    F = cfg.fam_len
+    keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, F, K, H]: the FAM block c saw (F_{c-1})
+    values.append(jnp.moveaxis(vF, 0, 1))
+    masks.append(jnp.ones((Bsz, C, S, F), bool))
+
+  out = attend(q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
+               jnp.concatenate(masks, axis=-1))
+  out = jax.lax.dynamic_slice_in_dim(out.reshape(Bsz, C * S, *out.shape[-2:]), start, n, axis=1)
+
+  # Next context: the m blocks before the (new) pending block, then that block.
+  complete_blocks = (start + n) // S
+  pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)
+  window = lambda a: jax.lax.dynamic_slice_in_dim(pad(a), complete_blocks, m + 1, axis=1).reshape(
+      Bsz, (m + 1) * S, K, H)
+  return out, LayerContext(window(ext_k), window(ext_v), new_fam)
+
+
+def full_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo):
+  """Causal attention over the cache and the chunk (spec §2, `full`), queries in chunks of block_size.
+
+  Positions are relative to the chunk's first token; cached keys sit at -context..-1.
+  """
+  del p
+  Bsz, n, N, H = q.shape
+  cap = ctx.k.shape[1]
+  key_pos = jnp.concatenate([jnp.arange(cap) - info.context, jnp.arange(n)])
+  key_valid = jnp.concatenate([
+      jnp.broadcast_to(jnp.arange(cap) < info.context, (Bsz, cap)),
+      jnp.ones((Bsz, n), bool) if info.token_valid is None else info.token_valid], axis=1)
+  keys = rope(jnp.concatenate([ctx.k, k], axis=1), _positions(key_pos, info.position_offset),
+              cfg.rope_theta)
+  values = jnp.concatenate([ctx.v, v], axis=1)
+
+  def queries(q_chunk, q_pos):  # q_chunk [B, S, N, H] at integer positions q_pos [S]
+    mask = key_valid[:, None, :] & (key_pos[None, None, :] <= q_pos[None, :, None])
+    return attend(rope(q_chunk, _positions(q_pos, info.position_offset), cfg.rope_theta),
+                  keys, values, mask)
+
+  S = cfg.block_size
+  if n <= S:
+    out = queries(q, jnp.arange(n))
+  else:  # one query chunk at a time, recomputed in the backward pass: memory O(S * (cap + n))
+    C = -(-n // S)
+    qc = jnp.pad(q, ((0, 0), (0, C * S - n), (0, 0), (0, 0))).reshape(Bsz, C, S, N, H)
+    pos = jnp.arange(C * S).reshape(C, S)
+    out = jax.lax.map(jax.checkpoint(lambda a: queries(*a)), (jnp.moveaxis(qc, 1, 0), pos))
+    out = jnp.moveaxis(out, 0, 1).reshape(Bsz, C * S, N, H)[:, :n]
+  if cap:  # the caller grew the cache to hold context + n
+    new_k = jax.lax.dynamic_update_slice_in_dim(ctx.k, k, info.context, axis=1)
+    new_v = jax.lax.dynamic_update_slice_in_dim(ctx.v, v, info.context, axis=1)
+    ctx = ctx._replace(k=new_k, v=new_v)
+  return out, ctx
+
+
+def decoder_layer(p: dict, cfg: ModelConfig, x: jax.Array, ctx: LayerContext, info: ChunkInfo,
+                  max_pending: int):
+  """A = X + Attn(RMSNorm(X)); O = A + MLP(RMSNorm(A)) for the chunk x [B, n, D] (spec §1, §3)."""
+  q, k, v = _project_qkv(p, rms_norm(x, p["attn_norm"], cfg.rms_eps))
+  if cfg.uses_blocks:
+    out, ctx = block_attention_layer(p, cfg, q, k, v, ctx, info, max_pending)
+  else:
+    out, ctx = full_attention_layer(p, cfg, q, k, v, ctx, info)
+  a = x + jnp.einsum("BTNH,NHD->BTD", out, p["o"])
+  return _mlp_block(p, a, cfg.rms_eps), ctx
+
+
+def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
+  """Spec §4: each layer's initial FAM from a forward pass of the learned prompt alone.
+
+  Z_1 = prompt (used as the layer-1 input as is), Z_{l+1} = layer_l(Z_l) with bidirectional attention
+  among the F prompt rows. Returns Z_l for every layer: [L, F, D].
+  """
+  F = prompt.shape[0]
+  pos = jnp.arange(-F, 0).astype(jnp.float32)
+  everyone = jnp.ones((F, F), bool)
+
+  def layer(z, p):
+    p = jax.tree.map(lambda w: w.astype(z.dtype), p)
+    q, k, v = _project_qkv(p, rms_norm(z[None], p["attn_norm"], cfg.rms_eps))
+    read = attend(rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta), v, everyone)
+    a = z[None] + jnp.einsum("BTNH,NHD->BTD", read, p["o"])
+    return _mlp_block(p, a, cfg.rms_eps)[0], z
+
+  _, entering = jax.lax.scan(layer, prompt, layers)
+  return entering

@@ -1,0 +1,85 @@
+"""Parameter shapes, logical axis names and initialisation of a famjax decoder.
+
+The parameter tree (what `famjax.model.params_to_dict` returns) is:
+
+  embed        [V, D]                      token embedding (also the output matrix when tied)
+  final_norm   [D]                         RMSNorm scale before the logits
+  lm_head      [D, V]                      output matrix, only when not tied
+  fam_prompt   [F, D]                      learned FAM prompt, only when attention == "fam" and F > 0
+  layers/      one array per weight, stacked over layers (leading axis L) for the scan over layers:
+    attn_norm  [L, D]        q [L, D, N, H]   k [L, D, K, H]   v [L, D, K, H]   o [L, N, H, D]
+    mlp_norm   [L, D]        gate [L, D, M]   up [L, D, M]     down [L, M, D]
+
+Each entry carries logical axis names (LOGICAL_AXES) that the parallelism package maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from famjax.model.config import ModelConfig
+
+# Logical axis names of every parameter; one table so sharding rules have one place to look.
+LOGICAL_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "fam_prompt": ("fam", "embed"),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "q": ("layers", "embed", "q_heads", "head_dim"),
+        "k": ("layers", "embed", "kv_heads", "head_dim"),
+        "v": ("layers", "embed", "kv_heads", "head_dim"),
+        "o": ("layers", "q_heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "gate": ("layers", "embed", "mlp"),
+        "up": ("layers", "embed", "mlp"),
+        "down": ("layers", "mlp", "embed"),
+    },
+}
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+  """The shape of every parameter, in the layout documented above."""
+  V, D, L, N, K, H, M = (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                         cfg.head_dim, cfg.mlp_dim)
+  shapes = {
+      "embed": (V, D),
+      "final_norm": (D,),
+      "layers": {
+          "attn_norm": (L, D), "q": (L, D, N, H), "k": (L, D, K, H), "v": (L, D, K, H),
+          "o": (L, N, H, D), "mlp_norm": (L, D), "gate": (L, D, M), "up": (L, D, M), "down": (L, M, D),
+      },
+  }
+  if not cfg.tie_embeddings:
+    shapes["lm_head"] = (D, V)
+  if cfg.has_fam:
+    shapes["fam_prompt"] = (cfg.fam_len, D)
+  return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+  """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2).
+
+  The FAM prompt is drawn like token embeddings (times sqrt(D) when `embed_scale`), so it starts on the
+  distribution of the inputs it stands in for. Output projections (o, down) are scaled by
+  1/sqrt(2 L), as in GPT-2, so the residual stream does not grow with depth.
+  """
+  shapes = param_shapes(cfg)
+  dtype = cfg.storage_dtype
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
+  leaves = []
+  for (path, shape), k in zip(flat, keys):
+    name = path[-1].key
+    if name.endswith("norm"):
+      leaves.append(jnp.ones(shape, dtype))
+      continue
+    std = cfg.init_std
+    if name in ("o", "down"):
+      std = std / (2 * cfg.n_layers) ** 0.5
+    if name == "fam_prompt" and cfg.embed_scale:
+      std = std * cfg.d_model ** 0.5
+    leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
