@@ -164,7 +164,7 @@ def _empty_state(params, cfg, batch_size, start_position):
 
 
 def _param(value, names) -> nnx.Param:
-  return nnx.Param(value, sharding_names=names, eager_sharding=False)
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class DecoderLayers(nnx.Module):
@@ -198,7 +198,7 @@ class Transformer(nnx.Module):
   # -- parameters --------------------------------------------------------------------------------
   def params_dict(self) -> dict:
     """The parameter arrays in the layout of famjax.model.params (a plain nested dict)."""
-    return nnx.state(self, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
   # -- the parallel forward ----------------------------------------------------------------------
   def __call__(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,

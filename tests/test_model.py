@@ -1,0 +1,209 @@
+"""The parallel forward of famjax.Transformer against the float64 reference of spec §3-§5 (tests/reference.py),
+and the relations the spec states between the attention modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from famjax import FamState, ModelConfig, Transformer
+from reference import reference_forward, reference_params
+
+TINY = dict(vocab_size=37, d_model=32, n_layers=2, mlp_dim=48, dtype="float32", remat="none")
+
+
+def tiny(**kw) -> ModelConfig:
+  return ModelConfig(**{**TINY, "n_heads": 4, "n_kv_heads": 2, **kw})
+
+
+def build(cfg, seed=0):
+  """A model and the float64 parameters it was built from (shared with the reference)."""
+  p64 = reference_params(cfg, seed)
+  return Transformer(cfg, params=jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p64)), p64
+
+
+def rel_err(a, b):
+  return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def tokens(batch, length, seed=1, vocab=37):
+  return np.random.RandomState(seed).randint(0, vocab, (batch, length))
+
+
+CASES = [
+    # (attention, block_size, mem_segments, fam_len, n_heads, n_kv_heads)
+    ("full", 8, 1, 0, 4, 4),      # MHA
+    ("full", 8, 1, 0, 4, 1),      # MQA
+    ("bswa", 8, 0, 0, 4, 2),      # GQA, no memory: block-local only
+    ("bswa", 8, 1, 0, 4, 4),
+    ("bswa", 4, 3, 0, 4, 2),
+    ("fam", 8, 1, 4, 4, 2),
+    ("fam", 8, 0, 3, 4, 1),       # the paper's PassKey setting: FAM with 0 memory segments, MQA
+    ("fam", 4, 2, 4, 4, 4),       # F == B
+    ("fam", 6, 1, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("attention,block,mem,fam,heads,kv", CASES)
+def test_parallel_forward_matches_reference(attention, block, mem, fam, heads, kv):
+  cfg = tiny(attention=attention, block_size=block, mem_segments=mem, fam_len=fam, n_heads=heads,
+             n_kv_heads=kv)
+  model, p64 = build(cfg)
+  toks = tokens(2, 29)  # several blocks and a partial last block
+  ref, ref_fam = reference_forward(p64, cfg, toks, return_fam=True)
+  logits, fam_state = model(toks, return_fam_state=True)
+  assert logits.shape == (2, 29, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert rel_err(logits, ref) < 2e-5
+  if cfg.has_fam:
+    assert rel_err(fam_state.values, ref_fam) < 2e-5
+    assert not np.asarray(fam_state.from_prompt).any()
+
+
+def test_tied_embeddings_and_embed_scale_match_reference():
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4, tie_embeddings=True,
+             embed_scale=True)
+  model, p64 = build(cfg)
+  assert "lm_head" not in model.params_dict()
+  toks = tokens(1, 20)
+  assert rel_err(model(toks), reference_forward(p64, cfg, toks)) < 2e-5
+
+
+def test_initial_fam_state_rsp_matches_reference():
+  """Spec §6 RSP: start from a passed state, whose first update keeps the residual."""
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  model, p64 = build(cfg)
+  toks = tokens(2, 24)
+  init = np.random.RandomState(3).normal(size=(2, 2, 4, 32))
+  ref, ref_fam = reference_forward(p64, cfg, toks, initial_fam=init, return_fam=True)
+  state = FamState(jnp.asarray(init, jnp.float32), jnp.zeros((2,), bool))
+  logits, fam_state = model(toks, fam_state=state, return_fam_state=True)
+  assert rel_err(logits, ref) < 2e-5
+  assert rel_err(fam_state.values, ref_fam) < 2e-5
+
+
+def test_prompt_fam_is_the_prompt_pass():
+  """With fewer tokens than a block there is no update: the returned state is the prompt's (§4)."""
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  model, p64 = build(cfg)
+  _, ref_fam = reference_forward(p64, cfg, tokens(1, 5), return_fam=True)
+  logits, fam_state = model(tokens(1, 5), return_fam_state=True)
+  assert rel_err(fam_state.values, ref_fam) < 2e-5
+  assert np.asarray(fam_state.from_prompt).all()
+  np.testing.assert_allclose(model.prompt_fam()[0], p64["fam_prompt"], rtol=1e-6)  # Z_1 = P
+
+
+def test_small_position_offsets_match_reference():
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  model, p64 = build(cfg)
+  toks = tokens(2, 20)
+  offset = np.array([0.0, 37.5])
+  ref = reference_forward(p64, cfg, toks, position_offset=offset)
+  assert rel_err(model(toks, position_offset=jnp.asarray(offset)), ref) < 2e-5
+
+
+def test_rpo_offset_acts_only_through_float32_rounding():
+  """Spec §6: a zero offset is exactly no offset; an offset of order 2*pi*theta perturbs logits by
+  float32 angle rounding only (exact relative angles would cancel it)."""
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  model, _ = build(cfg)
+  toks = tokens(2, 20)
+  base = np.asarray(model(toks))
+  np.testing.assert_array_equal(np.asarray(model(toks, position_offset=jnp.zeros(2))), base)
+  rpo = np.asarray(model(toks, position_offset=jnp.array([0.0, 2 * np.pi * cfg.rope_theta * 0.9])))
+  np.testing.assert_array_equal(rpo[0], base[0])
+  diff = np.abs(rpo[1] - base[1]).max() / np.abs(base[1]).max()
+  assert 1e-6 < diff < 5e-2, diff
+
+
+def test_token_mask_padding_matches_unpadded():
+  """Right padding is masked everywhere, and a block with padding does not update the FAM."""
+  cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2)
+  model, _ = build(cfg)
+  toks = tokens(2, 18)
+  mask = np.ones((2, 18), bool)
+  mask[1, 10:] = False
+  logits, fam = model(toks, token_mask=jnp.asarray(mask), return_fam_state=True)
+  short, short_fam = model(toks[1:, :10], return_fam_state=True)
+  np.testing.assert_allclose(logits[1, :10], short[0], rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(fam.values[:, 1], short_fam.values[:, 0], rtol=2e-5, atol=2e-5)
+  full_logits = model(toks[:1])
+  np.testing.assert_allclose(logits[0], full_logits[0], rtol=2e-5, atol=2e-5)
+
+
+def test_bswa_with_enough_memory_equals_full():
+  toks = tokens(2, 27)  # 4 blocks of 8: m = 3 covers every earlier block
+  full, _ = build(tiny(attention="full"))
+  bswa, _ = build(tiny(attention="bswa", block_size=8, mem_segments=3))
+  np.testing.assert_allclose(bswa(toks), full(toks), rtol=1e-5, atol=1e-5)
+  short, _ = build(tiny(attention="bswa", block_size=8, mem_segments=1))
+  assert np.abs(np.asarray(short(toks)) - np.asarray(full(toks))).max() > 1e-3  # and m = 1 does not
+
+
+def test_fam_with_zero_length_equals_bswa():
+  toks = tokens(2, 27)
+  bswa, _ = build(tiny(attention="bswa", block_size=8, mem_segments=1))
+  fam0, _ = build(tiny(attention="fam", block_size=8, mem_segments=1, fam_len=0))
+  np.testing.assert_array_equal(np.asarray(fam0(toks)), np.asarray(bswa(toks)))
+
+
+@pytest.mark.parametrize("attention", ["full", "bswa", "fam"])
+def test_causality(attention):
+  model, _ = build(tiny(attention=attention, block_size=4, mem_segments=1, fam_len=2))
+  toks = tokens(1, 21)
+  base = np.asarray(model(toks))
+  for t in (3, 4, 13, 20):  # inside a block, at a block start, later blocks
+    changed = toks.copy()
+    changed[0, t] = (changed[0, t] + 1) % 37
+    out = np.asarray(model(changed))
+    np.testing.assert_array_equal(out[:, :t], base[:, :t])
+    assert np.abs(out[:, t] - base[:, t]).max() > 0
+
+
+def test_fam_carries_information_beyond_the_window():
+  """Token 0 reaches a token 4 blocks later through FAM, never through bswa with m = 1."""
+  toks = tokens(1, 24)
+  changed = toks.copy()
+  changed[0, 0] = (changed[0, 0] + 5) % 37
+  for attention, reaches in (("bswa", False), ("fam", True)):
+    model, _ = build(tiny(attention=attention, block_size=4, mem_segments=1, fam_len=2))
+    delta = np.abs(np.asarray(model(toks))[0, 20:] - np.asarray(model(changed))[0, 20:]).max()
+    assert (delta > 1e-6) == reaches, (attention, delta)
+
+
+def test_bfloat16_compute_tracks_float32():
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  model32, p64 = build(cfg)
+  model16 = Transformer(cfg.replace(dtype="bfloat16"), params=model32.params_dict())
+  toks = tokens(2, 24)
+  out16 = model16(toks)
+  assert out16.dtype == jnp.float32  # logits leave in float32 whatever the compute dtype
+  assert rel_err(out16, reference_forward(p64, cfg, toks)) < 5e-2
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj"])
+def test_remat_policies_keep_gradients(remat):
+  cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2)
+  toks = jnp.asarray(tokens(2, 13))
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(toks))[..., 0])
+
+  ref_model = Transformer(cfg, rngs=nnx.Rngs(0))
+  model = Transformer(cfg.replace(remat=remat), rngs=nnx.Rngs(0))
+  g_ref = nnx.grad(loss)(ref_model)
+  g = nnx.grad(loss)(model)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert float(jnp.abs(g["fam_prompt"][...]).max()) > 0  # the prompt learns through the prompt pass
+
+
+def test_bad_params_are_named():
+  cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
+  params = Transformer(cfg).params_dict()
+  wrong = {**params, "layers": {**params["layers"], "q": params["layers"]["q"][:, :, :2]}}
+  with pytest.raises(ValueError, match="layers/q"):
+    Transformer(cfg, params=wrong)
+  missing = {k: v for k, v in params.items() if k != "fam_prompt"}
+  with pytest.raises(ValueError, match="fam_prompt"):
+    Transformer(cfg, params=missing)
