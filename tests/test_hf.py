@@ -313,6 +313,15 @@ def test_refuses_unexpected_tensor(llama_copy):
     from_hf(llama_copy)
 
 
+def test_tied_checkpoint_with_a_saved_lm_head(llama_copy):
+  """Some tied checkpoints store lm_head anyway: accepted when it equals the embedding, else refused."""
+  _edit_config(llama_copy, lambda c: c.update(tie_word_embeddings=True))
+  with pytest.raises(ValueError, match="lm_head.weight differs"):
+    from_hf(llama_copy)
+  _rewrite_weights(llama_copy, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"]}))
+  assert "lm_head" not in from_hf(llama_copy).params_dict()
+
+
 def test_refuses_unknown_architecture(llama_copy):
   _edit_config(llama_copy, lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
   with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
@@ -360,8 +369,8 @@ def test_older_config_layout(llama_copy):
   old = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 101,
          "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": None, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-         "rope_theta": 2500.0,
-         "rope_scaling": None, "torch_dtype": "float32", "transformers_version": "4.40.0"}
+         "rope_theta": 2500.0, "rope_scaling": None, "torch_dtype": "float32",
+         "transformers_version": "4.40.0"}
   (llama_copy / "config.json").write_text(json.dumps(old))
   cfg = from_hf(llama_copy).config
   assert (cfg.rope_theta, cfg.rms_eps, cfg.head_dim, cfg.tie_embeddings) == (2500.0, 1e-5, 16, False)

@@ -49,6 +49,8 @@ class ChunkInfo(NamedTuple):
   pending: bswa/fam: tokens already in the pending block (the chunk continues it).
   fam_from_prompt: [B] True while the FAM is still the prompt's (its first update uses residual 0, §3).
   token_valid: [B, n] False marks padding, or None.
+  segment_ids: [B, n] packed-example ids; tokens attend only within their example. None: no masking
+    between examples (the paper's packing). Only for bswa/full from an empty context.
   position_offset: [B] float RPO offset (spec §6), or None.
   """
 
@@ -56,6 +58,7 @@ class ChunkInfo(NamedTuple):
   pending: jax.Array
   fam_from_prompt: jax.Array
   token_valid: jax.Array | None
+  segment_ids: jax.Array | None
   position_offset: jax.Array | None
 
 
@@ -143,15 +146,22 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   def block_positions(shift):  # positions of a block starting `shift` tokens before the query block
     return _positions(jnp.arange(S) - shift, info.position_offset)[..., None, :]  # [(B,) 1, S]
 
+  if info.segment_ids is not None:  # a key from another packed example counts as padding
+    seg = lay_out(info.segment_ids, None, -1)
+    ext_seg = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
+    same_example = lambda j: seg[:, :, :, None] == ext_seg[:, m - j:m - j + C, None, :]
+  else:
+    same_example = lambda j: True
+
   q_rot = rope(qb, block_positions(0), cfg.rope_theta)
   k_self = rope(kb, block_positions(0), cfg.rope_theta)
   keys, values = [k_self], [vb]
   causal = jnp.tril(jnp.ones((S, S), bool))
-  masks = [causal & valid[:, :, None, :]]
+  masks = [causal & valid[:, :, None, :] & same_example(0)]
   for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2)
     keys.append(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta))
     values.append(ext_v[:, m - j:m - j + C])
-    masks.append(jnp.broadcast_to(ext_valid[:, m - j:m - j + C, None, :], (Bsz, C, S, S)))
+    masks.append(ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((S, 1), bool))
 
   new_fam = ctx.fam
   if cfg.has_fam:
@@ -197,9 +207,14 @@ def full_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, 
   keys = rope(jnp.concatenate([ctx.k, k], axis=1), _positions(key_pos, info.position_offset),
               cfg.rope_theta)
   values = jnp.concatenate([ctx.v, v], axis=1)
+  if info.segment_ids is not None:  # cached keys (none, from an empty context) belong to no example
+    key_seg = jnp.concatenate([jnp.full((Bsz, cap), -1, info.segment_ids.dtype), info.segment_ids], 1)
 
   def queries(q_chunk, q_pos):  # q_chunk [B, S, N, H] at integer positions q_pos [S]
     mask = key_valid[:, None, :] & (key_pos[None, None, :] <= q_pos[None, :, None])
+    if info.segment_ids is not None:
+      q_seg = jnp.take(info.segment_ids, jnp.minimum(q_pos, n - 1), axis=1)
+      mask = mask & (q_seg[:, :, None] == key_seg[:, None, :])
     return attend(rope(q_chunk, _positions(q_pos, info.position_offset), cfg.rope_theta),
                   keys, values, mask)
 

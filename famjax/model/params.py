@@ -15,6 +15,8 @@ Each entry carries logical axis names (LOGICAL_AXES) that the parallelism packag
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -59,6 +61,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
   return shapes
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2).
 

@@ -16,6 +16,7 @@ from flax import nnx, struct
 from famjax.model import params as params_lib
 from famjax.model.config import ModelConfig
 from famjax.model.fam import ChunkInfo, LayerContext, decoder_layer, prompt_pass
+from famjax.model.layers import rms_norm
 
 
 class FamState(NamedTuple):
@@ -83,19 +84,27 @@ def empty_state(params: dict, cfg: ModelConfig, batch_size: int, start_position=
 
 
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamState, *, max_pending: int,
-            token_mask: jax.Array | None = None, position_offset: jax.Array | None = None):
+            token_mask: jax.Array | None = None, position_offset: jax.Array | None = None,
+            segment_ids: jax.Array | None = None):
   """Logits [B, n, V] (float32) of a chunk `tokens` [B, n] that continues `state`, and the next state.
 
-  `max_pending` (static) bounds `state.pending`: 0 for a forward from an empty state.
+  `max_pending` (static) bounds `state.pending`: 0 for a forward from an empty state. `segment_ids`
+  (packed-example ids, attention only within an example) needs an empty state and bswa or full.
   """
+  if segment_ids is not None and cfg.has_fam:
+    raise ValueError("segment_ids (masking between packed examples) is not supported with attention="
+                     "'fam': the FAM would still carry information across examples; pack without masks "
+                     "(the paper's choice) or use bswa/full")
   n = tokens.shape[1]
   dtype = cfg.compute_dtype
   x = params["embed"][tokens].astype(dtype)
   if cfg.embed_scale:
     x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
-  info = ChunkInfo(state.context, state.pending, state.fam_from_prompt,
-                   None if token_mask is None else token_mask.astype(bool),
-                   None if position_offset is None else jnp.asarray(position_offset, jnp.float32))
+  info = ChunkInfo(
+      context=state.context, pending=state.pending, fam_from_prompt=state.fam_from_prompt,
+      token_valid=None if token_mask is None else token_mask.astype(bool),
+      segment_ids=segment_ids,
+      position_offset=None if position_offset is None else jnp.asarray(position_offset, jnp.float32))
 
   def layer(x, inputs):
     p, ctx = inputs
@@ -107,9 +116,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   contexts = LayerContext(state.k, state.v, state.fam.astype(dtype))
   x, contexts = jax.lax.scan(layer, x, (params["layers"], contexts))
 
-  h = jnp.asarray(x)
-  from famjax.model.layers import rms_norm  # local: keeps the module's top imports to the model API
-  h = rms_norm(h, params["final_norm"].astype(dtype), cfg.rms_eps)
+  h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_eps)
   out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
   logits = jnp.einsum("BTD,DV->BTV", h, out.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -143,13 +150,13 @@ def _completed_a_block(token_mask: jax.Array, pending: jax.Array, S: int) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "return_fam_state"))
-def _parallel(params, cfg, tokens, fam_state, token_mask, position_offset, return_fam_state):
+def _parallel(params, cfg, tokens, fam_state, token_mask, position_offset, segment_ids, return_fam_state):
   state = empty_state(params, cfg, tokens.shape[0])
   if fam_state is not None:
     state = state.replace(fam=fam_state.values.astype(cfg.compute_dtype),
                           fam_from_prompt=fam_state.from_prompt)
   logits, state = forward(params, cfg, tokens, state, max_pending=0, token_mask=token_mask,
-                          position_offset=position_offset)
+                          position_offset=position_offset, segment_ids=segment_ids)
   return (logits, state.fam_state) if return_fam_state else logits
 
 
@@ -203,7 +210,7 @@ class Transformer(nnx.Module):
   # -- the parallel forward ----------------------------------------------------------------------
   def __call__(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,
                position_offset: jax.Array | None = None, fam_state: FamState | None = None,
-               return_fam_state: bool = False):
+               segment_ids: jax.Array | None = None, return_fam_state: bool = False):
     """Logits [B, T, V] (float32) of `tokens` [B, T].
 
     token_mask: [B, T], False for padding: padding keys are masked everywhere and a block holding
@@ -215,13 +222,15 @@ class Transformer(nnx.Module):
       of the paper's implementation. So it reproduces that training setting; it is not a true shift of
       positions. Leave it None (0) at evaluation and inference.
     fam_state: start every layer from this FAM instead of the prompt's (Random State Passing, §6).
+    segment_ids: [B, T] ids of packed examples; tokens attend only within their own example (bswa and
+      full; the paper packs without such masks).
     return_fam_state: also return the final FamState (after the last complete block).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
     return _parallel(self.params_dict(), self.config, tokens, fam_state, token_mask, position_offset,
-                     return_fam_state)
+                     segment_ids, return_fam_state)
 
   def prompt_fam(self) -> jax.Array:
     """The initial FAM of each layer from the learned prompt, [L, F, D] (spec §4)."""

@@ -1,0 +1,36 @@
+# famjax: two commands on a fresh machine with Python 3.11.
+#   make demo   sets up .venv and runs the main job
+#   make test   sets up .venv (with the test extras) and runs the tests
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export JAX_PLATFORMS ?= cpu
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup setup-test demo test bench clean
+
+$(VENV)/.base: requirements.txt pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "famjax needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+setup: $(VENV)/.base
+setup-test: $(VENV)/.test
+
+demo: setup
+	$(PY) -m famjax.demo
+
+test: setup-test
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: setup
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf $(VENV) bench_results
