@@ -129,7 +129,6 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
 
   mem_k, pend_k = ctx.k[:, :m * S].reshape(Bsz, m, S, K, H), ctx.k[:, m * S:]
   mem_v, pend_v = ctx.v[:, :m * S].reshape(Bsz, m, S, K, H), ctx.v[:, m * S:]
-  qb = lay_out(q, None, 0)
   kb = lay_out(k, pend_k, 0)
   vb = lay_out(v, pend_v, 0)
   slot = jnp.arange(C * S).reshape(C, S)
@@ -146,22 +145,33 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   def block_positions(shift):  # positions of a block starting `shift` tokens before the query block
     return _positions(jnp.arange(S) - shift, info.position_offset)[..., None, :]  # [(B,) 1, S]
 
+  # Query rows [B, C, Q, N, H] and their slots in their block [C, Q]. A chunk inside one block (decode)
+  # computes only its n rows; otherwise every slot of every block, of which n are kept.
+  if C == 1:
+    q_slot = (start + jnp.arange(n))[None]
+    q_rows = q[:, None]
+  else:
+    q_slot = jnp.broadcast_to(jnp.arange(S), (C, S))
+    q_rows = lay_out(q, None, 0)
+  Q = q_slot.shape[1]
+  q_rot = rope(q_rows, _positions(q_slot, info.position_offset), cfg.rope_theta)
+
   if info.segment_ids is not None:  # a key from another packed example counts as padding
     seg = lay_out(info.segment_ids, None, -1)
     ext_seg = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
-    same_example = lambda j: seg[:, :, :, None] == ext_seg[:, m - j:m - j + C, None, :]
+    q_seg = info.segment_ids[:, None] if C == 1 else seg
+    same_example = lambda j: q_seg[:, :, :, None] == ext_seg[:, m - j:m - j + C, None, :]
   else:
     same_example = lambda j: True
 
-  q_rot = rope(qb, block_positions(0), cfg.rope_theta)
   k_self = rope(kb, block_positions(0), cfg.rope_theta)
   keys, values = [k_self], [vb]
-  causal = jnp.tril(jnp.ones((S, S), bool))
+  causal = jnp.arange(S)[None, None, :] <= q_slot[:, :, None]  # [C, Q, S]
   masks = [causal & valid[:, :, None, :] & same_example(0)]
   for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2)
     keys.append(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta))
     values.append(ext_v[:, m - j:m - j + C])
-    masks.append(ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((S, 1), bool))
+    masks.append(ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((Q, 1), bool))
 
   new_fam = ctx.fam
   if cfg.has_fam:
@@ -178,11 +188,15 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
     F = cfg.fam_len
     keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, F, K, H]: the FAM block c saw (F_{c-1})
     values.append(jnp.moveaxis(vF, 0, 1))
-    masks.append(jnp.ones((Bsz, C, S, F), bool))
+    masks.append(jnp.ones((Bsz, C, Q, F), bool))
 
+  masks = [jnp.broadcast_to(mask, (Bsz, C, Q, mask.shape[-1])) for mask in masks]
   out = attend(q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
                jnp.concatenate(masks, axis=-1))
-  out = jax.lax.dynamic_slice_in_dim(out.reshape(Bsz, C * S, *out.shape[-2:]), start, n, axis=1)
+  if C == 1:
+    out = out[:, 0]
+  else:
+    out = jax.lax.dynamic_slice_in_dim(out.reshape(Bsz, C * S, *out.shape[-2:]), start, n, axis=1)
 
   # Next context: the m blocks before the (new) pending block, then that block.
   complete_blocks = (start + n) // S
