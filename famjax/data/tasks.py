@@ -1,0 +1,209 @@
+"""Registers famjax's seqio Tasks and Mixtures, idempotently.
+
+Built in (byte vocabulary, registered on import):
+- famjax_demo, famjax_demo_short, famjax_demo_long: Mixtures of five synthetic tasks each
+  (`<mixture>_<task>`, see famjax.data.synthetic), equal rates, at three context lengths.
+- passkey_train (filler 2k-18k tokens) and passkey_2k ... passkey_1m (evaluation, fixed length).
+- scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19 (famjax.data.longcontext).
+User sources (DataConfig.sources) become Tasks `<mixture>_<task_name>` and a Mixture `<mixture>`.
+
+A vocabulary other than bytes gets its own copies of the built-ins, named `<name>.<vocab key>`
+(famjax.data.vocab.vocab_key), because a seqio Task fixes its vocabulary. Registering is idempotent:
+the same definition again is a no-op, a changed one (other paths, templates, rates) replaces the
+earlier registration (famjax's own only; a name some other code registered is an error).
+
+Every task emits `inputs` (prompt ids, no EOS), `targets` (answer ids + EOS) and `task` (its name, so
+the packer can count truncations per source).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Hashable, Sequence
+
+import seqio
+
+from famjax.data import flan, longcontext, metrics, passkey, synthetic
+from famjax.data.config import BYTE_VOCABULARY, DataConfig
+from famjax.data.sources import PythonSource
+from famjax.data.tensorflow_setup import tf
+from famjax.data.vocab import get_vocabulary, vocab_key
+
+_LOCK = threading.RLock()
+_OURS: dict[tuple[str, str], tuple[Hashable, Any]] = {}  # (kind, name) -> (definition, provider)
+_BUILTINS_FOR: set[str] = set()  # vocabularies whose built-ins are registered
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  return {"inputs": seqio.Feature(vocabulary, add_eos=False, required=False),
+          "targets": seqio.Feature(vocabulary, add_eos=True)}
+
+
+def add_task_name(dataset: tf.data.Dataset, task: str) -> tf.data.Dataset:
+  """A seqio preprocessor: the `task` feature names the example's source."""
+  return dataset.map(lambda ex: {**ex, "task": tf.constant(task)},
+                     num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def text_preprocessors(task: str) -> list:
+  return [seqio.preprocessors.tokenize, seqio.preprocessors.append_eos,
+          functools.partial(add_task_name, task=task)]
+
+
+# -- idempotent registration ---------------------------------------------------------------------
+
+def _register(kind: str, name: str, definition: Hashable, build) -> None:
+  registry = seqio.TaskRegistry if kind == "task" else seqio.MixtureRegistry
+  with _LOCK:
+    existing = registry._REGISTRY.get(name)  # pylint: disable=protected-access
+    ours = _OURS.get((kind, name))
+    if existing is not None:
+      if ours is None or ours[1] is not existing:
+        raise ValueError(f"seqio {kind} {name!r} is already registered by other code")
+      if ours[0] == definition:
+        return
+      registry.remove(name)
+    _OURS[(kind, name)] = (definition, build())
+
+
+def _add_task(name: str, definition: Hashable, **task_kwargs) -> None:
+  _register("task", name, definition, lambda: seqio.TaskRegistry.add(name, **task_kwargs))
+
+
+def _add_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> None:
+  definition = tuple((t, rate, _OURS[("task", t)][0]) for t, rate in tasks)
+  _register("mixture", name, definition, lambda: seqio.MixtureRegistry.add(name, list(tasks)))
+
+
+def _python_task(name, vocab_spec, definition, make_examples, splits, *, shuffled=True,
+                 num_examples=None, preflight=None, shuffle_buffer=None, metric_fns=(),
+                 postprocess_fn=None):
+  source = PythonSource(make_examples, splits, num_input_examples=num_examples, shuffled=shuffled,
+                        preflight=preflight)
+  _add_task(name, (vocab_spec,) + definition, source=source,
+            output_features=output_features(get_vocabulary(vocab_spec)),
+            preprocessors=text_preprocessors(name), postprocess_fn=postprocess_fn,
+            metric_fns=list(metric_fns), shuffle_buffer_size=shuffle_buffer)
+
+
+# -- built-ins -------------------------------------------------------------------------------------
+
+def _suffix(vocab_spec: str) -> str:
+  key = vocab_key(vocab_spec)
+  return f".{key}" if key else ""
+
+
+def register_synthetic_mixture(name: str, context: synthetic.ContextRange,
+                               vocabulary: str = BYTE_VOCABULARY) -> str:
+  """Registers `name` as the five synthetic tasks at `context` characters; returns the mixture name.
+
+  The demo mixtures are made this way; call it for another difficulty (e.g. a longer range)."""
+  suffix = _suffix(vocabulary)
+  tasks = []
+  for task in synthetic.TASKS:
+    task_name = f"{name}_{task}{suffix}"
+    _python_task(task_name, vocabulary, ("synthetic", task, context),
+                 synthetic.make_examples(task, context), ("train", "validation"),
+                 num_examples={"validation": synthetic.VALIDATION_EXAMPLES},
+                 metric_fns=[metrics.exact_match])
+    tasks.append((task_name, 1.0))
+  _add_mixture(name + suffix, tasks)
+  return name + suffix
+
+
+def register_builtins(vocabulary: str = BYTE_VOCABULARY) -> None:
+  """All built-in tasks and mixtures for a vocabulary (cheap: nothing is read until used)."""
+  suffix = _suffix(vocabulary)
+  with _LOCK:
+    if vocabulary in _BUILTINS_FOR and all(
+        _is_ours("mixture", m + suffix) for m in synthetic.DEMO_MIXTURES) and all(
+        _is_ours("task", t + suffix) for t in (*passkey.EVAL_LENGTHS, *longcontext.SPECS)):
+      return
+    _register_builtins(vocabulary, suffix)
+    _BUILTINS_FOR.add(vocabulary)
+
+
+def _is_ours(kind: str, name: str) -> bool:
+  registry = seqio.TaskRegistry if kind == "task" else seqio.MixtureRegistry
+  ours = _OURS.get((kind, name))
+  return ours is not None and registry._REGISTRY.get(name) is ours[1]  # pylint: disable=protected-access
+
+
+def _register_builtins(vocabulary: str, suffix: str) -> None:
+  vocab = get_vocabulary(vocabulary)
+  for name, context in synthetic.DEMO_MIXTURES.items():
+    register_synthetic_mixture(name, context, vocabulary)
+  _python_task("passkey_train" + suffix, vocabulary, ("passkey_train", passkey.TRAIN_FILLER_TOKENS),
+               passkey.make_train_examples(passkey.TRAIN_FILLER_TOKENS, vocab), ("train",),
+               metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+  for name, total in passkey.EVAL_LENGTHS.items():
+    _python_task(name + suffix, vocabulary, ("passkey_eval", total, passkey.EVAL_EXAMPLES),
+                 passkey.make_eval_examples(total, vocab), ("validation",),
+                 num_examples={"validation": passkey.EVAL_EXAMPLES},
+                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+  for spec in longcontext.SPECS.values():
+    task = spec.name + suffix
+    _add_task(task, (vocabulary, "longcontext", spec), source=longcontext.LocalTfdsSource(spec),
+              output_features=output_features(vocab),
+              preprocessors=[functools.partial(longcontext.to_prompt_and_answer, spec=spec, task=task),
+                             *text_preprocessors(task)],
+              metric_fns=[spec.metric], shuffle_buffer_size=1000)
+
+
+def builtin_names() -> tuple[str, ...]:
+  """Names a DataConfig.mixture may take without `sources` (for the byte vocabulary)."""
+  names = list(synthetic.DEMO_MIXTURES)
+  names += [f"{m}_{t}" for m in synthetic.DEMO_MIXTURES for t in synthetic.TASKS]
+  names += ["passkey_train", *passkey.EVAL_LENGTHS, *longcontext.SPECS]
+  return tuple(sorted(names))
+
+
+def mixture_names() -> tuple[str, ...]:
+  """The built-in mixtures and tasks, by name (any of them can be DataConfig.mixture)."""
+  return builtin_names()
+
+
+# -- what a config reads ---------------------------------------------------------------------------
+
+def register_sources(config: DataConfig) -> str:
+  """Registers the config's user sources as Tasks and their Mixture; returns the mixture name."""
+  suffix = _suffix(config.vocabulary)
+  fmt = flan.FlanFormat.from_config(config)
+  tasks = []
+  for task_name, path, rate in config.sources:
+    name = f"{config.mixture}_{task_name}{suffix}"
+    _python_task(name, config.vocabulary, ("flan", path, fmt, config.shuffle_buffer),
+                 flan.make_examples(name, path, fmt), flan.splits(path), shuffled=False,
+                 preflight=flan.preflight(name, path, fmt), shuffle_buffer=config.shuffle_buffer)
+    tasks.append((name, rate))
+  _add_mixture(config.mixture + suffix, tasks)
+  return config.mixture + suffix
+
+
+def ensure_registered(config: DataConfig) -> str:
+  """Registers what `config` reads and returns the seqio Mixture or Task name to read."""
+  register_builtins(config.vocabulary)
+  builtins = builtin_names()
+  if config.sources:
+    if config.mixture in builtins:
+      raise ValueError(f"DataConfig.mixture: {config.mixture!r} is a built-in name; give the user "
+                       "sources a mixture name of their own")
+    return register_sources(config)
+  if config.mixture in builtins:
+    return config.mixture + _suffix(config.vocabulary)
+  if config.mixture in seqio.MixtureRegistry.names() or config.mixture in seqio.TaskRegistry.names():
+    return config.mixture  # registered by other code, read as it is
+  raise ValueError(f"DataConfig.mixture: unknown mixture or task {config.mixture!r} (and no sources); "
+                   f"built-in ones: {', '.join(builtins)}")
+
+
+def tasks_of(name: str) -> list[seqio.Task]:
+  provider = seqio.get_mixture_or_task(name)
+  return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def famjax_task(task: seqio.Task) -> bool:
+  """Whether famjax registered the task (so it emits the `task` feature)."""
+  return _is_ours("task", task.name)
+
