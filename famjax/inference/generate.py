@@ -1,0 +1,80 @@
+"""Generation on the streaming path: the prompt in chunks, then one token at a time.
+
+In bswa and fam the memory is constant whatever the prompt length (the StreamState has a fixed size);
+in full attention the key/value cache grows with the text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from famjax.inference.sampling import SamplingConfig, sample
+from famjax.model import Transformer
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  tokens: np.ndarray  # [B, n_generated] int32; after a stop token, rows hold the stop token
+  prompt_tokens_per_second: float
+  generation_tokens_per_second: float
+  stopped: np.ndarray  # [B] bool: the row produced a stop token
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _sample_jit(logits, key, cfg):
+  return sample(logits, key, cfg)
+
+
+def generate(model: Transformer, prompt, *, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+             stop_tokens=(), seed: int = 0, prefill_chunk: int | None = None) -> GenerationResult:
+  """Continues `prompt` [B, T] (T >= 1) by up to `max_new_tokens` tokens.
+
+  The prompt is streamed in chunks of `prefill_chunk` tokens (default: 4 blocks), so an arbitrarily long
+  prompt costs constant memory in bswa/fam. Generation stops early once every row produced a stop token.
+  The same seed gives the same tokens.
+  """
+  prompt = np.asarray(prompt, np.int32)
+  if prompt.ndim != 2 or prompt.shape[1] < 1:
+    raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {prompt.shape}")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  vocab = model.config.vocab_size
+  if prompt.min() < 0 or prompt.max() >= vocab:
+    raise ValueError(f"prompt token ids must be in [0, {vocab}), got [{prompt.min()}, {prompt.max()}]")
+  chunk = prefill_chunk or 4 * model.config.block_size
+  batch, length = prompt.shape
+
+  t0 = time.perf_counter()
+  state = model.init_state(batch)
+  for start in range(0, length, chunk):
+    logits, state = model.stream(prompt[:, start:start + chunk], state)
+  last = jax.block_until_ready(logits[:, -1])
+  prompt_seconds = time.perf_counter() - t0
+
+  key = jax.random.key(seed)
+  stop = np.asarray(sorted(set(int(t) for t in stop_tokens)), np.int32)
+  stopped = np.zeros(batch, bool)
+  out = []
+  t0 = time.perf_counter()
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    token = np.asarray(_sample_jit(last, sub, sampling))
+    token = np.where(stopped, out[-1] if out else token, token)  # a stopped row repeats its stop token
+    out.append(token)
+    stopped |= np.isin(token, stop)
+    if stopped.all() or i == max_new_tokens - 1:
+      break
+    logits, state = model.stream(token[:, None], state)
+    last = logits[:, -1]
+  generation_seconds = time.perf_counter() - t0
+  tokens = np.stack(out, axis=1)
+  return GenerationResult(tokens=tokens,
+                          prompt_tokens_per_second=batch * length / prompt_seconds,
+                          generation_tokens_per_second=tokens.size / generation_seconds,
+                          stopped=stopped)
