@@ -1,5 +1,5 @@
 # famjax: two commands on a fresh machine with Python 3.11.
-#   make demo   sets up .venv and runs the main job
+#   make demo   sets up .venv and runs the main job (trains the demo FAM model on the built-in mixture)
 #   make test   sets up .venv (with the test extras) and runs the tests
 PYTHON ?= python3.11
 VENV   := .venv
@@ -7,7 +7,9 @@ PY     := $(VENV)/bin/python
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-test demo test bench clean
+WORKDIR ?= workdirs/demo
+
+.PHONY: setup setup-test demo stream-demo test bench clean
 
 $(VENV)/.base: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "famjax needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -24,6 +26,9 @@ setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
 demo: setup
+	$(PY) -m famjax.train --config=configs/demo.py --workdir=$(WORKDIR)
+
+stream-demo: setup
 	$(PY) -m famjax.demo
 
 test: setup-test
@@ -31,6 +36,8 @@ test: setup-test
 
 bench: setup
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_data.py
 
 clean:
-	rm -rf $(VENV) bench_results
+	rm -rf $(VENV) bench_results workdirs
