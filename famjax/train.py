@@ -1,0 +1,150 @@
+"""famjax's training job: fine-tune a FAM, BSWA or full-attention model on a seqio mixture.
+
+  python -m famjax.train --config=configs/demo.py[:variant] --workdir=DIR [--config.key=value ...]
+  python -m famjax.train --config=... --workdir=DIR --mode=eval     # loss on the validation split
+  python -m famjax.train --config=... --workdir=DIR --mode=export   # merged weights as an HF dir
+
+Rerunning the same command resumes from the newest good checkpoint in DIR. configs/base.py documents
+every field. This module is the edge: it turns the ml-collections config into validated objects, wires
+the data pipeline (famjax.data, or the synthetic stream) into famjax.training, and turns user errors into
+one line on stderr and a non-zero exit, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from famjax.parallel import distributed
+from famjax.training import evaluate, export, init_from, loop
+from famjax.training.config import ConfigError, job_config, train_config
+from famjax.training.data_source import DataSource
+
+
+def _config_package_on_path(argv) -> None:
+  """Config files import siblings as `from configs import base`: put the folder holding configs/ on
+  sys.path (the current directory is there already under `python -m`)."""
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = Path(arg.split("=", 1)[1].split(":", 1)[0]).absolute()
+      sys.path.insert(0, str(path.parent.parent))
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file[:variant]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and events go")
+_RESTART = flags.DEFINE_bool("restart", False, "start over in a workdir that holds a run of another "
+                             "config (the old run is moved to WORKDIR/previous_<time>/)")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "what to do with the workdir")
+_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 20, "--mode=eval: batches of the validation split")
+
+
+def _fail(message: str) -> None:
+  print(f"famjax.train: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, with flag errors (unknown config key, wrong type, bad file) as one line, exit 2."""
+  _config_package_on_path(argv)
+  try:
+    rest = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.keys()  # a config file that failed to load raises here
+    return rest
+  except (KeyError, AttributeError) as e:  # ml_collections: overriding a key the config does not have
+    key = str(e).strip("'\"")
+    arg = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
+                key in a.split("=", 1)[0].split(".")), f"--config...{key}")
+    _fail(f"{arg[2:]}: unknown field (configs/base.py lists every field)")
+  except (flags.Error, OSError, TypeError, ValueError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # A config file that raised: its traceback is in the message; its last line says what went wrong.
+    _fail(lines[-1] if any(line.startswith("Traceback") for line in lines) else " ".join(lines[:3]))
+
+
+# -- the job -----------------------------------------------------------------------------------------
+
+def build(config):
+  """(JobConfig, DataSource) validated, or ConfigError naming the field."""
+  raw = config.to_dict()
+  data = DataSource(raw.get("data", {}), train_config(raw))
+  job = job_config(config, data_vocab_size=data.vocab_size)
+  if job.train.init_from:
+    source_model = init_from.source_model_config(job.train.init_from, job.model)
+    if source_model.vocab_size < data.vocab_size():
+      raise ConfigError(f"config.init_from: the checkpoint's vocabulary ({source_model.vocab_size}) is "
+                        f"smaller than the data's ({data.vocab_size()})")
+    job = dataclasses.replace(job, model=source_model)
+  try:
+    sizes = dict(zip(("data", "fsdp", "tensor"), job.mesh.resolve(jax.device_count())))
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  batch_ways = sizes["data"] * sizes["fsdp"]
+  if job.train.batch_size % batch_ways or job.train.batch_size % jax.process_count():
+    raise ConfigError(f"config.batch_size={job.train.batch_size} must be divisible by mesh data*fsdp="
+                      f"{batch_ways} and by the {jax.process_count()} host(s)")
+  return job, data
+
+
+def outputs_message(workdir: Path, argv_config: str) -> str:
+  ckpts = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
+      if (workdir / "checkpoints").is_dir() else []
+  cmd = f"python -m famjax.train --config={argv_config} --workdir={workdir}"
+  return "\n".join([
+      f"outputs in {workdir}/:",
+      f"  checkpoints/        steps {ckpts}",
+      "  metrics.jsonl       one record per logged step",
+      f"  tensorboard/        tensorboard --logdir {workdir / 'tensorboard'}",
+      f"resume or train further:  {cmd} --config.steps=<more>",
+      f"evaluate:                 {cmd} --mode=eval",
+      f"export (LoRA merged):     {cmd} --mode=export   (a Hugging Face dir in {workdir / 'hf'})",
+  ])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
+  if _CONFIG.value is None or not _WORKDIR.value:
+    _fail("--config and --workdir are required")
+  workdir = Path(_WORKDIR.value).absolute()
+  try:
+    distributed.initialize()  # joins a multi-process job (launch/); nothing for a single process
+    job, data = build(_CONFIG.value)
+    distributed.check_same_config(_CONFIG.value)
+    if _MODE.value == "eval":
+      result = evaluate.evaluate(job, workdir, lambda: data.batches(None, "validation", 1),
+                                 _EVAL_BATCHES.value)
+      print(evaluate.report(result))
+      return
+    if _MODE.value == "export":
+      print(f"wrote {export.export_hf(job, workdir, workdir / 'hf')}")
+      return
+    if job.model.attention != "fam" and job.fam.rsp_prob > 0:
+      print(f"note: fam.rsp_prob={job.fam.rsp_prob} has no effect with attention={job.model.attention}")
+    result = loop.run(job, workdir, data.batches, restart=_RESTART.value)
+  except (ConfigError, distributed.DistributedSetupError) as e:
+    _fail(str(e))
+  if result.message:
+    print(result.message)
+  config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
+  print(outputs_message(workdir, config_arg))
+  if result.status == "nan":
+    sys.exit(1)
+
+
+def run() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,264 @@
+"""The validated configuration of a training job, built from an ml-collections ConfigDict at the edge.
+
+One frozen dataclass per concern (the run, the optimizer, LoRA, the FAM training options, the mesh, and
+the model's own ModelConfig); `job_config(config_dict)` builds them all and raises `ConfigError`, a
+one-line message naming the offending field (`config.model.fam_len`, `config.optimizer.name`, ...), for an
+unknown key, a value of the wrong type or an invalid value. Every field is documented in configs/base.py.
+The `data` section is passed through as a plain dict: famjax.data validates it (see famjax/train.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Mapping
+
+from famjax.model import ModelConfig
+from famjax.parallel import MeshConfig
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class ConfigError(ValueError):
+  """A user error in the configuration; its message is one line that names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The run: how long, how big a batch, how often to log and save."""
+
+  steps: int = 100
+  batch_size: int = 8
+  seq_len: int = 512
+  checkpoint_every: int = 50
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  seed: int = 0
+  init_from: str | None = None
+  z_loss: float = 0.0
+  tensorboard: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints"):
+      _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+    _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)",
+           self.checkpoint_every)
+    _check(self.z_loss >= 0, "z_loss", "must be >= 0", self.z_loss)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Adafactor (the paper's recipe, spec §7) or AdamW, a learning-rate schedule and gradient clipping."""
+
+  name: str = "adafactor"
+  learning_rate: float = 1e-4
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  final_learning_rate_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.999
+  decay_rate: float = 0.99
+  param_scale: bool = False
+  update_clip: float = 1.0
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+  def __post_init__(self):
+    _check(self.name in ("adafactor", "adamw"), "name", "must be 'adafactor' or 'adamw'", self.name)
+    _check(self.schedule in ("constant", "cosine"), "schedule", "must be 'constant' or 'cosine'",
+           self.schedule)
+    _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+    _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", self.warmup_steps)
+    _check(0 <= self.final_learning_rate_ratio <= 1, "final_learning_rate_ratio", "must be in [0, 1]",
+           self.final_learning_rate_ratio)
+    _check(0 <= self.b1 < 1, "b1", "must be in [0, 1)", self.b1)
+    _check(0 < self.b2 < 1, "b2", "must be in (0, 1)", self.b2)
+    _check(0 < self.decay_rate < 1, "decay_rate", "must be in (0, 1)", self.decay_rate)
+    _check(self.update_clip >= 0, "update_clip", "must be >= 0 (0: off)", self.update_clip)
+    _check(self.eps > 0, "eps", "must be > 0", self.eps)
+    _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+    _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0: off)", self.max_grad_norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the projections in `targets`; rank 0 means full fine-tuning."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LORA_TARGETS
+
+  def __post_init__(self):
+    _check(self.rank >= 0, "rank", "must be >= 0 (0: full fine-tuning)", self.rank)
+    _check(self.alpha > 0, "alpha", "must be > 0", self.alpha)
+    targets = tuple(t.strip() for t in self.targets.split(",")) if isinstance(self.targets, str) \
+        else tuple(self.targets)
+    object.__setattr__(self, "targets", targets)
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    _check(not bad, "targets", f"must be among {LORA_TARGETS}", list(targets))
+    _check(self.rank == 0 or targets, "targets", "must not be empty when rank > 0", list(targets))
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FamTrainingConfig:
+  """The paper's training techniques for unbounded length (spec §6)."""
+
+  rsp_prob: float = 0.0
+  rpo: bool = False
+
+  def __post_init__(self):
+    _check(0 <= self.rsp_prob <= 1, "rsp_prob", "must be in [0, 1]", self.rsp_prob)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+  """Everything a training job needs, validated. `data` is the raw data section (see famjax/train.py)."""
+
+  model: ModelConfig
+  train: TrainConfig
+  optimizer: OptimizerConfig
+  lora: LoraConfig
+  fam: FamTrainingConfig
+  mesh: MeshConfig
+  data: dict
+
+  def to_dict(self) -> dict:
+    """JSON-able, in the shape of the ConfigDict it came from (config.json in the workdir)."""
+    out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+    out.update(dataclasses.asdict(self.train))
+    out["data"] = dict(self.data)
+    return json.loads(json.dumps(out))  # tuples -> lists: equal to what config.json reads back
+
+
+_SECTIONS = {"model": ModelConfig, "optimizer": OptimizerConfig, "lora": LoraConfig,
+             "fam": FamTrainingConfig, "mesh": MeshConfig}
+
+
+def train_config(raw: Mapping[str, Any]) -> TrainConfig:
+  """The run's TrainConfig alone, from the top-level fields of a config dict (the sections ignored)."""
+  return _build(TrainConfig, {k: v for k, v in raw.items() if not isinstance(v, Mapping)}, "config")
+
+
+def job_config(config: Mapping[str, Any], data_vocab_size=None) -> JobConfig:
+  """Validated JobConfig from a ConfigDict (or plain dict) in the layout of configs/base.py.
+
+  `data_vocab_size`: a callable giving the data vocabulary's size, used when model.vocab_size is 0 and to
+  check that the model covers the vocabulary. Raises ConfigError naming the field.
+  """
+  raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+  known = train_fields | set(_SECTIONS) | {"data"}
+  for key in raw:
+    if key not in known:
+      raise ConfigError(f"config.{key}: unknown field (known: {sorted(known)})")
+  for key in set(_SECTIONS) | {"data"}:
+    if not isinstance(raw.get(key, {}), Mapping):
+      raise ConfigError(f"config.{key}: must be a section (a ConfigDict), got {raw[key]!r}")
+  train = _build(TrainConfig, {k: v for k, v in raw.items() if k in train_fields}, "config")
+  model_raw = dict(raw.get("model", {}))
+  vocab = model_raw.get("vocab_size", ModelConfig.vocab_size)
+  if vocab == 0 and data_vocab_size is not None:
+    model_raw["vocab_size"] = int(data_vocab_size())
+  sections = {name: _build(cls, raw.get(name, {}), f"config.{name}") for name, cls in _SECTIONS.items()
+              if name != "model"}
+  model = _build(ModelConfig, model_raw, "config.model")
+  if data_vocab_size is not None and vocab != 0 and model.vocab_size < data_vocab_size():
+    raise ConfigError(f"config.model.vocab_size={model.vocab_size} is smaller than the data vocabulary "
+                      f"({data_vocab_size()} ids); set it to 0 to take the vocabulary's size")
+  data = dict(raw.get("data", {}))
+  if data.get("mask_between_examples") and model.has_fam:
+    raise ConfigError("config.data.mask_between_examples=True is not supported with "
+                      "model.attention='fam' (the FAM would still carry information across packed "
+                      "examples); pack without masks as the paper does, or use bswa/full")
+  return JobConfig(model=model, train=train, data=data, **sections)
+
+
+# Fields a resumed run may change; any other difference from the workdir's config.json is refused.
+RESUMABLE_FIELDS = frozenset({
+    "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
+    "model.remat",
+})
+
+
+def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+  """Dotted names of the fields that differ between two JobConfig.to_dict()s and may not change."""
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    name = prefix + key
+    if name in RESUMABLE_FIELDS:
+      continue
+    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += incompatible_fields(a, b, name + ".")
+    elif a != b:
+      out.append(f"{name} ({a!r} -> {b!r})")
+  return out
+
+
+# -- building and type checking ---------------------------------------------------------------------
+
+def _check(ok: bool, field: str, message: str, value) -> None:
+  if not ok:
+    raise ValueError(f"{field}={value!r} {message}")
+
+
+def _build(cls, raw: Mapping[str, Any], prefix: str):
+  """cls(**raw) with unknown keys, wrong types and invalid values reported as ConfigError(prefix.field)."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in raw.items():
+    if key not in fields:
+      raise ConfigError(f"{prefix}.{key}: unknown field (known: {sorted(fields)})")
+    kwargs[key] = _typed(f"{prefix}.{key}", value, hints[key])
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    message = str(e).split("\n")[0]
+    # ModelConfig names fields as "ModelConfig.x", the others as "x=..."; say where it lives.
+    message = message.replace(f"{cls.__name__}.", f"{prefix}.")
+    section = prefix.rsplit(".", 1)[-1]
+    if message.startswith((section + ".", section + ":")) and prefix != "config":
+      message = f"{prefix.rsplit('.', 1)[0]}.{message}"
+    elif not message.startswith(prefix):
+      message = f"{prefix}.{message}"
+    raise ConfigError(message) from None
+
+
+def _typed(name: str, value, hint):
+  """value, checked (and for floats and tuples, converted) against the annotation `hint`."""
+  if hint is Any:
+    return value
+  options = typing.get_args(hint) if isinstance(hint, types.UnionType) or \
+      typing.get_origin(hint) is typing.Union else (hint,)
+  if value is None:
+    if type(None) in options:
+      return None
+    raise ConfigError(f"{name}: must not be None")
+  for option in options:
+    if option is bool and isinstance(value, bool):
+      return value
+    if option is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if option is str and isinstance(value, str):
+      return value
+    if typing.get_origin(option) is tuple:
+      if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+      if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+  wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+  raise ConfigError(f"{name}: expected {wanted}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,112 @@
+"""LoRA (Hu et al. 2021) on the stacked projection weights of famjax.model.params.
+
+A target weight W [L, *in, *out] gets adapters A [L, *in, r] and B [L, r, *out]; the effective weight is
+W + (alpha / r) * A @ B. B starts at zero, so training starts from the base model exactly. The paper
+(spec §7) trains rank-64 adapters on the attention and MLP projections plus the FAM prompt, base frozen,
+and merges the adapters into the weights for inference: `merge` gives a plain parameter dict for
+`famjax.Transformer(cfg, params=...)` or `famjax.to_hf`.
+
+The parameters are split into what the optimizer trains and what stays frozen:
+  LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM)}; frozen = the rest
+  full:  trainable = every parameter; frozen = {}
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from famjax.model.params import LOGICAL_AXES
+from famjax.training.config import LoraConfig
+
+# Number of input axes (after the layer axis) of each target, as in famjax.conversion.hf.LAYER_WEIGHTS.
+IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+def adapter_shapes(layer_shapes: dict, cfg: LoraConfig) -> dict:
+  """{target: {"a": shape, "b": shape}} for the stacked layer weight shapes `layer_shapes`."""
+  out = {}
+  for name in cfg.targets:
+    shape = tuple(layer_shapes[name])
+    split = 1 + IN_AXES[name]
+    out[name] = {"a": shape[:split] + (cfg.rank,), "b": (shape[0], cfg.rank) + shape[split:]}
+  return out
+
+
+def adapter_logical_axes(cfg: LoraConfig) -> dict:
+  """Logical axis names of the adapters, for famjax.parallel's rules."""
+  out = {}
+  for name in cfg.targets:
+    names = LOGICAL_AXES["layers"][name]
+    split = 1 + IN_AXES[name]
+    out[name] = {"a": names[:split] + ("lora_rank",), "b": (names[0], "lora_rank") + names[split:]}
+  return out
+
+
+def init_adapters(layers: dict, cfg: LoraConfig, key: jax.Array) -> dict:
+  """A ~ N(0, 1/fan_in), B = 0 (so the merged weights equal the base at step 0), float32."""
+  shapes = adapter_shapes({k: v.shape for k, v in layers.items()}, cfg)
+  names = sorted(shapes)
+  sizes = [math.prod(shapes[n]["a"]) for n in names]
+  noise = jax.random.normal(key, (sum(sizes),), jnp.float32)  # one draw: one RNG kernel to compile
+  out, start = {}, 0
+  for name, size in zip(names, sizes):
+    a_shape = shapes[name]["a"]
+    fan_in = math.prod(a_shape[1:-1])
+    out[name] = {"a": noise[start:start + size].reshape(a_shape) / math.sqrt(fan_in),
+                 "b": jnp.zeros(shapes[name]["b"], jnp.float32)}
+    start += size
+  return out
+
+
+def delta(a: jax.Array, b: jax.Array, scale: float, shape: tuple, dtype) -> jax.Array:
+  """scale * A @ B reshaped to the weight's `shape` [L, *in, *out], computed in `dtype`."""
+  L, r = a.shape[0], a.shape[-1]
+  a2 = a.reshape(L, -1, r).astype(dtype)
+  b2 = b.reshape(L, r, -1).astype(dtype)
+  return (scale * jnp.einsum("LIR,LRO->LIO", a2, b2)).reshape(shape)
+
+
+def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
+  """params with every adapted weight replaced by W + scale * A @ B (in `dtype`, default W's dtype)."""
+  layers = dict(params["layers"])
+  for name, ab in adapters.items():
+    w = layers[name]
+    dt = w.dtype if dtype is None else dtype
+    layers[name] = w.astype(dt) + delta(ab["a"], ab["b"], cfg.scale, w.shape, dt)
+  return {**params, "layers": layers}
+
+
+def split(params: dict, cfg: LoraConfig, key: jax.Array) -> tuple[dict, dict]:
+  """(trainable, frozen) of fresh parameters, see the module docstring."""
+  if not cfg.enabled:
+    return params, {}
+  trainable = {"lora": init_adapters(params["layers"], cfg, key)}
+  frozen = dict(params)
+  if "fam_prompt" in frozen:
+    trainable["fam_prompt"] = frozen.pop("fam_prompt")
+  return trainable, frozen
+
+
+def combine(trainable: dict, frozen: dict, cfg: LoraConfig, dtype=None) -> dict:
+  """The model's parameter dict from (trainable, frozen); adapters merged in `dtype` (inside jit, the
+  compute dtype, so no float32 copy of the merged weights exists)."""
+  if not cfg.enabled:
+    return trainable
+  params = dict(frozen)
+  if "fam_prompt" in trainable:
+    params["fam_prompt"] = trainable["fam_prompt"]
+  return merge(params, trainable["lora"], cfg, dtype)
+
+
+def trainable_logical_axes(cfg: LoraConfig, has_fam_prompt: bool, model_axes: dict) -> tuple[dict, dict]:
+  """Logical axes of (trainable, frozen), given the model's parameter axes `model_axes`."""
+  if not cfg.enabled:
+    return model_axes, {}
+  frozen = dict(model_axes)
+  trainable = {"lora": adapter_logical_axes(cfg)}
+  if has_fam_prompt:
+    trainable["fam_prompt"] = frozen.pop("fam_prompt")
+  return trainable, frozen

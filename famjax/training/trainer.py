@@ -1,0 +1,146 @@
+"""A job's compiled programs on its mesh: parameter and state shardings, the initial state, the jitted
+train step, and the per-host batch -> global array conversion.
+
+Programs are cached per StepSpec (everything they depend on), so several runs of one config in a process
+(a sweep in a notebook, the tests) compile once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import numpy as np
+
+from famjax.model import ModelConfig, init_params
+from famjax.parallel import batch_sharding, make_mesh, replicated, tree_shardings
+from famjax.training.checkpoint import abstract_like
+from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig
+from famjax.training.optimizer import learning_rate_schedule, make_optimizer
+from famjax.training.state import TrainState, model_logical_axes, new_state, state_logical_axes
+from famjax.training.step import make_train_step
+
+BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything the compiled programs of a job depend on (hashable: equal specs share programs, so
+  several runs of one config in a process, e.g. a sweep in a notebook or the tests, compile once)."""
+
+  model: ModelConfig
+  lora: LoraConfig
+  fam: FamTrainingConfig
+  optimizer: OptimizerConfig
+  steps: int
+  batch_size: int
+  seq_len: int
+  z_loss: float
+  mask_between_examples: bool
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def of(cls, job: JobConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
+    t = job.train
+    return cls(job.model, job.lora, job.fam, job.optimizer, t.steps, t.batch_size, t.seq_len, t.z_loss,
+               bool(job.data.get("mask_between_examples")), mesh)
+
+
+class Programs:
+  """The shardings, abstract state and jitted functions of a StepSpec."""
+
+  def __init__(self, spec: StepSpec):
+    cfg, mesh = spec.model, spec.mesh
+    self.optimizer = make_optimizer(spec.optimizer, spec.steps)
+    self.schedule = learning_rate_schedule(spec.optimizer, spec.steps)
+    step = make_train_step(cfg, spec.lora, spec.fam, self.optimizer, self.schedule, spec.z_loss,
+                           mask_between_examples=spec.mask_between_examples)
+
+    abstract_params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    trainable_axes, frozen_axes = state_logical_axes(cfg, spec.lora)
+    self.param_shardings = tree_shardings(abstract_params, model_logical_axes(cfg), mesh)
+
+    def init_state(params, seed):
+      return new_state(params, cfg, spec.lora, self.optimizer, seed)
+
+    # Sharding of the state: parameters by the rules, the optimizer state as the compiler propagates it.
+    abstract_state = jax.eval_shape(init_state, abstract_params, 0)
+    init_jit = jax.jit(init_state, in_shardings=(self.param_shardings, None))
+    if mesh.size == 1:
+      propagated = jax.tree.map(lambda _: replicated(mesh), abstract_state)
+    else:
+      init_jit = init_jit.lower(abstract_params, 0).compile()
+      propagated = init_jit.output_shardings
+    trainable_sh = tree_shardings(abstract_state.trainable, trainable_axes, mesh)
+    frozen_sh = tree_shardings(abstract_state.frozen, frozen_axes, mesh)
+    self.state_shardings = propagated.replace(trainable=trainable_sh, frozen=frozen_sh)
+    self.abstract_state = abstract_like(abstract_state, self.state_shardings)
+    # (a reshard, where the rules and the propagated layout of the parameters differ)
+    self.init_state = lambda params, seed: jax.device_put(init_jit(params, seed), self.state_shardings)
+    self.init_params = jax.jit(lambda k: init_params(cfg, k), out_shardings=self.param_shardings)
+
+    B, T = spec.batch_size, spec.seq_len
+    self.batch_shardings = {k: batch_sharding(mesh, B) for k in BATCH_KEYS}
+    self.abstract_batch = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "weights" else np.int32,
+                                                   sharding=self.batch_shardings[k]) for k in BATCH_KEYS}
+    self.step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_shardings),
+                        out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+    self.compiled_step = None
+
+  def compile(self) -> float:
+    """Compile the step ahead of time (once); returns the seconds it took."""
+    t0 = time.perf_counter()
+    if self.compiled_step is None:
+      self.compiled_step = self.step.lower(self.abstract_state, self.abstract_batch).compile()
+    return time.perf_counter() - t0
+
+
+@functools.lru_cache(maxsize=4)
+def programs(spec: StepSpec) -> Programs:
+  return Programs(spec)
+
+
+class Trainer:
+  """A job's programs on its mesh: state shardings, the initial state, the jitted step, batches."""
+
+  def __init__(self, job: JobConfig, devices=None):
+    self.job = job
+    self.mesh = make_mesh(job.mesh, devices)
+    self.programs = programs(StepSpec.of(job, self.mesh))
+    self.param_shardings = self.programs.param_shardings
+    self.state_shardings = self.programs.state_shardings
+    self.abstract_state = self.programs.abstract_state
+    self.batch_shardings = self.programs.batch_shardings
+    self.abstract_batch = self.programs.abstract_batch
+
+  def initial_state(self, params: dict | None = None) -> TrainState:
+    """Step 0: from `params` (e.g. init_from), else a random initialisation from the seed."""
+    seed = self.job.train.seed
+    if params is None:
+      params = self.programs.init_params(jax.random.key(seed))
+    else:
+      params = jax.device_put(params, self.param_shardings)
+    return self.programs.init_state(params, seed)
+
+  def compile(self) -> float:
+    return self.programs.compile()
+
+  def global_batch(self, local: dict) -> dict:
+    """Per-host numpy arrays -> global arrays on the mesh (the batch's rows split over data and fsdp)."""
+    B, T = self.job.train.batch_size, self.job.train.seq_len
+    out = {}
+    for k in BATCH_KEYS:
+      if k not in local:
+        if k == "segment_ids":  # optional in the data contract: all tokens real
+          local = {**local, k: np.ones_like(np.asarray(local["inputs"]), np.int32)}
+        else:
+          raise KeyError(f"the batch lacks {k!r}")
+      out[k] = jax.make_array_from_process_local_data(
+          self.batch_shardings[k], np.asarray(local[k], self.abstract_batch[k].dtype), (B, T))
+    return out
+
+  def step(self, state: TrainState, batch: dict):
+    fn = self.programs.compiled_step or self.programs.step
+    return fn(state, batch)

@@ -1,0 +1,152 @@
+"""famjax.parallel: the mesh, the logical-axis rules (a golden table), and a sharded train step on 8
+simulated CPU devices that equals the single-device step.
+
+The 8-device check runs in a subprocess (this file as a script with XLA_FLAGS set), because the device
+count is fixed when a process first touches jax."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from famjax import ModelConfig
+from famjax.model.params import LOGICAL_AXES, param_shapes
+from famjax.parallel import MESH_AXES, MeshConfig, logical_to_spec
+from famjax.training import lora
+from famjax.training.config import LoraConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def abstract_mesh(data, fsdp, tensor):
+  return jax.sharding.AbstractMesh((data, fsdp, tensor), MESH_AXES)
+
+
+def test_mesh_sizes():
+  assert MeshConfig().resolve(8) == (8, 1, 1)
+  assert MeshConfig(data=-1, fsdp=2, tensor=2).resolve(8) == (2, 2, 2)
+  assert MeshConfig(data=1, fsdp=-1, tensor=1).resolve(4) == (1, 4, 1)
+  for bad, count, match in [(MeshConfig(data=3), 8, "must equal the number of devices, 8"),
+                            (MeshConfig(data=-1, fsdp=3), 8, "not divisible by 3")]:
+    with pytest.raises(ValueError, match=match):
+      bad.resolve(count)
+  with pytest.raises(ValueError, match="mesh.tensor"):
+    MeshConfig(tensor=0)
+
+
+CFG = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, mlp_dim=128,
+                  attention="fam", block_size=8, fam_len=2)
+
+# The golden table: every parameter's PartitionSpec on a (data 2, fsdp 2, tensor 2) mesh.
+GOLDEN = {
+    "embed": P("tensor", "fsdp"),
+    "final_norm": P("fsdp"),
+    "lm_head": P("fsdp", "tensor"),
+    "fam_prompt": P(None, "fsdp"),
+    "layers/attn_norm": P(None, "fsdp"),
+    "layers/q": P(None, "fsdp", "tensor", None),
+    "layers/k": P(None, "fsdp", None, None),  # one key/value head (MQA): not split
+    "layers/v": P(None, "fsdp", None, None),
+    "layers/o": P(None, "tensor", None, "fsdp"),
+    "layers/mlp_norm": P(None, "fsdp"),
+    "layers/gate": P(None, "fsdp", "tensor"),
+    "layers/up": P(None, "fsdp", "tensor"),
+    "layers/down": P(None, "tensor", "fsdp"),
+}
+
+
+def flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}/"))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def test_rules_golden_table():
+  mesh = abstract_mesh(2, 2, 2)
+  shapes, axes = flat(param_shapes(CFG)), flat(LOGICAL_AXES)
+  got = {name: logical_to_spec(axes[name], shape, mesh) for name, shape in shapes.items()}
+  assert got == GOLDEN
+
+
+def test_rules_replicate_what_does_not_divide_and_unused_axes():
+  mesh = abstract_mesh(1, 4, 2)
+  assert logical_to_spec(("vocab", "embed"), (259, 64), mesh) == P(None, "fsdp")  # 259 % 2 != 0
+  assert logical_to_spec(("vocab", "embed"), (512, 6), mesh) == P("tensor", None)
+  assert logical_to_spec(("batch", "length"), (8, 16), mesh) == P("fsdp", None)  # data has size 1
+  assert logical_to_spec(("batch", "length"), (8, 16), abstract_mesh(2, 2, 2)) == P(("data", "fsdp"), None)
+  with pytest.raises(ValueError, match="no rule"):
+    logical_to_spec(("nonsense",), (4,), mesh)
+
+
+def test_lora_adapter_axes():
+  cfg = LoraConfig(rank=4)
+  mesh = abstract_mesh(2, 2, 2)
+  shapes = lora.adapter_shapes(param_shapes(CFG)["layers"], cfg)
+  axes = lora.adapter_logical_axes(cfg)
+  assert logical_to_spec(axes["q"]["a"], shapes["q"]["a"], mesh) == P(None, "fsdp", None)
+  assert logical_to_spec(axes["q"]["b"], shapes["q"]["b"], mesh) == P(None, None, "tensor", None)
+  assert logical_to_spec(axes["down"]["b"], shapes["down"]["b"], mesh) == P(None, None, "fsdp")
+
+
+def test_sharded_step_equals_single_device_step():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+  assert "sharded == single device for (2, 2, 2) and (1, 4, 2)" in out.stdout
+
+
+# -- the 8-device check (run as a script) ------------------------------------------------------------------
+
+def _job(mesh):
+  sys.path.insert(0, ROOT)
+  from configs import demo
+  from famjax.training.config import job_config
+  c = demo.get_config("bswa").to_dict()
+  c["model"].update(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, mlp_dim=128,
+                    block_size=8, fam_len=0, mem_segments=1, dtype="float32", remat="none")
+  c["data"]["mixture"] = "synthetic"
+  c.update(seq_len=32, batch_size=8, steps=3)
+  c["mesh"] = dict(zip(MESH_AXES, mesh))
+  return job_config(c, data_vocab_size=lambda: 256)
+
+
+def _train(mesh, devices):
+  from famjax.training.trainer import Trainer
+  from famjax.training.synthetic import SyntheticBatches
+  trainer = Trainer(_job(mesh), devices)
+  state = trainer.initial_state()
+  it = SyntheticBatches(8, 32, seed=0)
+  losses = []
+  for _ in range(3):
+    state, metrics = trainer.step(state, trainer.global_batch(next(it)))
+    losses.append(float(metrics["loss"]))
+  return trainer, state, losses
+
+
+def _main():
+  assert jax.device_count() == 8, jax.devices()
+  _, single, single_losses = _train((1, 1, 1), jax.devices()[:1])
+  for mesh in [(2, 2, 2), (1, 4, 2)]:
+    trainer, state, losses = _train(mesh, jax.devices())
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
+                                                         atol=3e-5), state.trainable, single.trainable)
+    gate = state.trainable["layers"]["gate"]
+    assert gate.sharding.spec == P(None, "fsdp", "tensor"), gate.sharding
+    assert len(gate.addressable_shards) == 8
+    assert trainer.batch_shardings["inputs"].spec[0] in (("data", "fsdp"), "fsdp")
+  print("sharded == single device for (2, 2, 2) and (1, 4, 2)")
+
+
+if __name__ == "__main__":
+  _main()

@@ -1,0 +1,101 @@
+"""`python -m famjax.train` as a user runs it: bad input fails in one line before compiling; a run killed
+with SIGKILL, resumed, stopped with SIGTERM and resumed again logs exactly the losses of an
+uninterrupted run (FAM with RSP and RPO, so the RNG and the RSP state go through the checkpoints)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--config=configs/demo.py", "--config.data.mixture=synthetic", "--config.model.d_model=32",
+        "--config.model.n_layers=1", "--config.model.n_heads=2", "--config.model.n_kv_heads=1",
+        "--config.model.mlp_dim=64", "--config.model.block_size=8", "--config.model.fam_len=2",
+        "--config.seq_len=32", "--config.batch_size=2", "--config.tensorboard=False",
+        "--config.fam.rsp_prob=0.8", "--config.fam.rpo=True"]
+
+
+def env(cache_dir=None):
+  e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+  e.pop("XLA_FLAGS", None)  # one CPU device, whatever the test session uses
+  if cache_dir:  # the four runs compile the same program: compile it once
+    e.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return e
+
+
+def train(workdir, *flags, cache_dir=None):
+  return subprocess.Popen([sys.executable, "-m", "famjax.train", *TINY, f"--workdir={workdir}", *flags],
+                          cwd=ROOT, env=env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+@pytest.mark.parametrize("flag,field", [
+    ("--config.model.fam_len=100", "config.model.fam_len"),
+    ("--config.optimizer.nesterov=True", "config.optimizer.nesterov: unknown field"),
+    ("--config.steps=ten", "--config.steps=ten"),
+    ("--config.mesh.data=3", "config.mesh"),
+])
+def test_bad_input_is_one_line_before_compiling(tmp_path, flag, field):
+  proc = train(tmp_path / "w", flag)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2, err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("famjax.train: error: ") and field in lines[0], err
+  assert "Traceback" not in err and "compiling" not in out
+
+
+def steps_logged(workdir):
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return 0
+  steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+  return max(steps, default=0)
+
+
+def losses(workdir):
+  records = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+  return {r["step"]: r["loss"] for r in records}
+
+
+def wait_for_step(proc, workdir, step, timeout=120):
+  deadline = time.monotonic() + timeout
+  while steps_logged(workdir) < step:
+    assert proc.poll() is None, proc.communicate()
+    assert time.monotonic() < deadline, "the run did not get there in time"
+    time.sleep(0.005)
+
+
+def test_sigkill_and_sigterm_then_resume_give_the_uninterrupted_losses(tmp_path):
+  steps = ["--config.steps=150", "--config.checkpoint_every=5", "--config.log_every=1"]
+  cache = tmp_path / "jax_cache"
+  straight, run = tmp_path / "straight", tmp_path / "interrupted"
+  reference = train(straight, *steps, cache_dir=cache)  # side by side: compiling is single-threaded
+  proc = train(run, *steps, cache_dir=cache)
+  wait_for_step(proc, run, 12)
+  proc.send_signal(signal.SIGKILL)  # at any moment: mid-step, mid-save, mid-log
+  proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL
+  out, err = reference.communicate(timeout=300)
+  assert reference.returncode == 0, err[-3000:]
+  assert "resume or train further" in out and "evaluate:" in out
+
+  proc = train(run, *steps, cache_dir=cache)
+  wait_for_step(proc, run, 60)
+  proc.send_signal(signal.SIGTERM)  # the preemption notice: save and exit cleanly
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 0, err[-3000:]
+  assert "resumed from checkpoint" in out and "SIGTERM: saved checkpoint" in out
+  stopped_at = int(out.split("SIGTERM: saved checkpoint ")[1].split()[0])
+  assert stopped_at < 150 and (run / "checkpoints" / str(stopped_at)).is_dir()
+
+  proc = train(run, *steps, cache_dir=cache)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert f"resumed from checkpoint {stopped_at}" in out
+  assert losses(run) == losses(straight)
+  assert sorted(losses(run)) == list(range(1, 151))

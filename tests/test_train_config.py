@@ -1,0 +1,163 @@
+"""Training configs: validation names the field; the paper configs have the paper's shapes and counts."""
+
+import math
+import os
+import re
+import sys
+
+import jax
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `configs`
+
+from configs import base, demo, fam_1b, fam_8b, fam_24b, paper  # noqa: E402
+from famjax.model import init_params, param_shapes  # noqa: E402
+from famjax.training import lora  # noqa: E402
+from famjax.training.config import ConfigError, incompatible_fields, job_config  # noqa: E402
+
+
+def build(config, vocab=259):
+  return job_config(config, data_vocab_size=lambda: vocab)
+
+
+def test_base_and_demo_validate():
+  job = build(base.get_config())
+  assert job.model.vocab_size == 259  # 0 takes the data vocabulary
+  for variant in ("fam", "bswa", "full", "lora"):
+    job = build(demo.get_config(variant))
+    assert job.model.attention == ("fam" if variant in ("fam", "lora") else variant)
+  assert build(demo.get_config("lora")).lora.rank == 8
+
+
+def _set(config, dotted, value):
+  *path, last = dotted.split(".")
+  target = config
+  for p in path:
+    target = target[p]
+  with target.unlocked() if hasattr(target, "unlocked") else _null():
+    target[last] = value
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps", 0), ("batch_size", -1), ("checkpoint_every", -1), ("z_loss", -0.1), ("steps", 2.5),
+    ("log_every", "10"), ("tensorboard", 1),
+    ("model.fam_len", 100), ("model.block_size", -4), ("model.n_kv_heads", 3), ("model.attention", "x"),
+    ("model.d_model", "big"),
+    ("optimizer.name", "sgd"), ("optimizer.learning_rate", 0.0), ("optimizer.b1", 1.0),
+    ("optimizer.schedule", "linear"), ("lora.rank", -1), ("lora.targets", "q,proj"),
+    ("fam.rsp_prob", 1.5), ("fam.rpo", "yes"), ("mesh.data", 0), ("mesh", -1),
+])
+def test_invalid_values_name_the_field(field, value):
+  config = base.get_config()
+  config = config.to_dict()
+  if field == "mesh":  # two axes -1
+    config["mesh"]["fsdp"] = -1
+  else:
+    _set(config, field, value)
+  with pytest.raises(ConfigError, match=r"config\." + re.escape(field) + r"\b"):
+    build(config)
+
+
+def test_unknown_keys_name_the_field():
+  for dotted in ("stepz", "model.nope", "optimizer.beta9", "lora.scale"):
+    config = base.get_config().to_dict()
+    _set(config, dotted, 1)
+    with pytest.raises(ConfigError, match=r"config\." + re.escape(dotted) + ": unknown field"):
+      build(config)
+
+
+def test_masking_between_examples_needs_bswa_or_full():
+  config = base.get_config().to_dict()
+  config["data"]["mask_between_examples"] = True
+  with pytest.raises(ConfigError, match=r"config\.data\.mask_between_examples"):
+    build(config)
+  config["model"]["attention"] = "bswa"
+  assert build(config).data["mask_between_examples"]
+
+
+def test_vocab_smaller_than_data_is_refused():
+  config = base.get_config().to_dict()
+  config["model"]["vocab_size"] = 100
+  with pytest.raises(ConfigError, match=r"config\.model\.vocab_size"):
+    build(config)
+
+
+def test_incompatible_fields_ignore_resumable_ones():
+  a = build(demo.get_config()).to_dict()
+  b = build(demo.get_config()).to_dict()
+  b["steps"], b["log_every"], b["mesh"]["data"] = 10_000, 1, 8
+  assert incompatible_fields(a, b) == []
+  b["model"]["d_model"] = 512
+  b["optimizer"]["learning_rate"] = 1.0
+  assert [f.split()[0] for f in incompatible_fields(a, b)] == ["model.d_model", "optimizer.learning_rate"]
+
+
+# -- the paper's models (spec §7) -----------------------------------------------------------------------
+
+def count(cfg):
+  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  total = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+  return total, total - math.prod(shapes["embed"].shape)
+
+
+def formula(L, D, N, K, M, V=256_000, H=128, F=0):
+  per_layer = 2 * D + D * N * H + 2 * D * K * H + N * H * D + 3 * D * M
+  return V * D + D + F * D + L * per_layer
+
+
+# (module, layers, d_model, heads, kv heads, ff multiplier); counts with embeddings, in billions.
+PAPER = [(fam_1b, 18, 1536, 12, 12, 8, 1.58, 61_931_520), (fam_8b, 32, 4096, 32, 32, 4, 9.64, 192_937_984),
+         (fam_24b, 56, 4096, 32, 1, 8, 25.54, 485_359_616)]
+
+
+@pytest.mark.parametrize("module,L,D,N,K,ff,billions,adapters", PAPER)
+def test_paper_shapes_and_parameter_counts(module, L, D, N, K, ff, billions, adapters):
+  job = build(module.get_config("fam"), vocab=256_000)
+  m = job.model
+  shape = (m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim)
+  assert shape == (L, D, N, K, 128, ff * D)
+  assert (m.block_size, m.fam_len, m.mem_segments, m.vocab_size) == (1024, 64, 3, 256_000)
+  assert (job.lora.rank, job.fam.rsp_prob, job.train.batch_size, job.train.steps) == (64, 0.8, 128, 50_000)
+  assert job.optimizer.name == "adafactor" and job.optimizer.schedule == "constant"
+  total, without_embed = count(m)
+  assert total == formula(L, D, N, K, ff * D, F=64)
+  assert round(total / 1e9, 2) == billions
+  assert without_embed == total - 256_000 * D
+  bswa = build(module.get_config("bswa_m0"), vocab=256_000).model
+  assert count(bswa)[0] == total - 64 * D  # only the FAM prompt differs
+  shapes = lora.adapter_shapes(param_shapes(m)["layers"], job.lora)
+  assert sum(math.prod(s) for ab in shapes.values() for s in ab.values()) == adapters
+
+
+def test_paper_variants():
+  for variant in paper.VARIANTS:
+    job = build(fam_1b.get_config(variant), vocab=256_000)
+    if variant.startswith("bswa_m"):
+      m = job.model
+      assert (m.attention, m.mem_segments, m.fam_len) == ("bswa", int(variant[6:]), 0)
+      assert job.fam.rsp_prob == 0
+    else:
+      assert job.model.attention == variant
+  assert fam_8b.get_config().optimizer.learning_rate == 3e-3
+  assert fam_1b.get_config().optimizer.learning_rate == 1e-4
+  with pytest.raises(ValueError, match="bswa_m9"):
+    fam_1b.get_config("bswa_m9")
+
+
+def test_training_core_imports_neither_tensorflow_nor_the_data_package():
+  import subprocess
+  code = ("import sys, famjax.training.loop, famjax.training.evaluate, famjax.training.export, "
+          "famjax.training.data_source; "
+          "bad = [m for m in ('tensorflow', 'seqio', 'famjax.data') if m in sys.modules]; "
+          "assert not bad, bad")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr
