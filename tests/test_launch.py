@@ -103,8 +103,8 @@ def test_ctrl_c_is_forwarded_to_every_process(tmp_path):
   script = tmp_path / "snippet.py"
   script.write_text(textwrap.dedent("""
       import time
-      print("up", flush=True)
-      try:
+      try:  # "up" inside the try: a SIGINT right after it must still be caught
+        print("up", flush=True)
         time.sleep(120)
       except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -112,8 +112,10 @@ def test_ctrl_c_is_forwarded_to_every_process(tmp_path):
   launcher = subprocess.Popen([sys.executable, os.path.join(LAUNCH, "local.py"), "--num_processes", "2", "--",
                                sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
-  seen = [launcher.stdout.readline() for _ in range(3)]  # the launcher's line and two "up"
-  assert sum("up" in line for line in seen) == 2, seen
+  seen = []
+  while sum(line.endswith("] up\n") for line in seen) < 2 and len(seen) < 20:  # both processes are up
+    seen.append(launcher.stdout.readline())
+  assert sum(line.endswith("] up\n") for line in seen) == 2, seen
   launcher.send_signal(signal.SIGINT)
   rest = launcher.communicate(timeout=20)[0]
   assert launcher.returncode == 128 + signal.SIGINT
