@@ -1,9 +1,9 @@
-"""Metrics of the evaluation tasks against values computed by hand."""
+"""Metrics of the evaluation tasks and the PassKey answer postprocessor against hand-computed values."""
 
 import numpy as np
 import pytest
 
-from famjax.data import metrics
+from famjax.data import metrics, passkey
 
 
 @pytest.mark.parametrize("reference, prediction, lcs, expected", [
@@ -37,3 +37,12 @@ def test_accuracy_and_next_token_accuracy():
   assert metrics.next_token_accuracy(targets, predictions) == {"next_token_accuracy": 60.0}
   with pytest.raises(ValueError):
     metrics.rouge_l(["a"], [])
+
+
+def test_exact_match_and_the_passkey_postprocessor():
+  assert metrics.exact_match([" 12345", "abc", "x"], ["12345 ", "abd", " x "]) == {
+      "exact_match": pytest.approx(200 / 3)}
+  assert passkey.postprocess(" 12345. Remember it.") == "12345"
+  assert passkey.postprocess("The pass key is 0042 and 7") == "0042"
+  assert passkey.postprocess("  no digits ") == "no digits"
+  assert metrics.exact_match([], []) == {"exact_match": 0.0}

@@ -1,0 +1,128 @@
+"""The streaming primitives of evaluation: read a prompt in chunks, continue it greedily, and take the
+argmax prediction at every position of a text.
+
+Everything goes through `Transformer.init_state` + `Transformer.stream`, so in bswa and fam the memory
+is that of one chunk whatever the text's length (full attention's key/value cache grows), and the
+results equal the parallel forward's for any chunk size (up to float rounding).
+
+Every text starts with BOS_ID, as the decoder inputs of famjax.data's batches do: a model trained by
+famjax saw 0 before the first token of every example.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from famjax.evaluation.progress import Progress
+from famjax.model import ModelConfig, StreamState, Transformer
+
+BOS_ID = 0
+# Bytes of float32 logits one stream call may return: model.stream gives logits for every token of a
+# chunk, [rows, chunk, vocab], which dominates memory for large vocabularies.
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def default_chunk_size(cfg: ModelConfig) -> int:
+  """Four blocks: few stream calls, and whole blocks keep the `aligned` fast path."""
+  return 4 * cfg.block_size
+
+
+def rows_per_call(chunk_size: int, vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+  """How many texts to stream together so that one chunk's logits stay within `budget_bytes`."""
+  return max(1, budget_bytes // (4 * chunk_size * vocab_size))
+
+
+def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
+  """(start, end) of the stream calls that read `length` tokens: whole chunks of `chunk_size`, then the
+  remainder as descending powers of two. Every call length is then chunk_size or a power of two, so a
+  task whose texts all differ in length compiles at most log2(chunk_size) + 2 programs, not one per
+  remainder."""
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  whole = length - length % chunk_size
+  bounds = [(start, start + chunk_size) for start in range(0, whole, chunk_size)]
+  start, rest = whole, length - whole
+  while rest:
+    size = 1 << (rest.bit_length() - 1)
+    bounds.append((start, start + size))
+    start, rest = start + size, rest - size
+  return bounds
+
+
+def with_bos(ids: Sequence[int], bos_id: Optional[int] = BOS_ID) -> np.ndarray:
+  """[BOS] + ids as int32 (ids unchanged when bos_id is None)."""
+  ids = np.asarray(ids, np.int32).reshape(-1)
+  return ids if bos_id is None else np.concatenate([np.asarray([bos_id], np.int32), ids])
+
+
+def read_prompt(model: Transformer, tokens: np.ndarray, chunk_size: int,
+                progress: Optional[Progress] = None) -> tuple[jax.Array, StreamState]:
+  """Streams `tokens` [B, T] (T >= 1) in chunks; returns the last position's logits [B, V] and the state."""
+  tokens = _check_tokens(model, tokens)
+  state = model.init_state(tokens.shape[0])
+  logits = None
+  for start, end in chunk_bounds(tokens.shape[1], chunk_size):
+    chunk = tokens[:, start:end]
+    logits, state = model.stream(chunk, state)
+    logits = jax.block_until_ready(logits[:, -1])  # one chunk in flight: honest progress, bounded memory
+    if progress is not None:
+      progress.advance(chunk.size)
+  return logits, state
+
+
+def greedy_continue(model: Transformer, state: StreamState, last_logits: jax.Array, max_new_tokens: int,
+                    stop_ids: Sequence[int] = ()) -> np.ndarray:
+  """Up to `max_new_tokens` argmax tokens [B, n] after a read prompt. A row that produced a stop id
+  repeats it; generation ends early once every row has stopped."""
+  stop = np.asarray(sorted(set(int(t) for t in stop_ids)), np.int32)
+  stopped = np.zeros(last_logits.shape[0], bool)
+  out = []
+  for i in range(max_new_tokens):
+    token = np.asarray(jnp.argmax(last_logits, axis=-1)).astype(np.int32)
+    token = np.where(stopped, out[-1] if out else token, token)
+    out.append(token)
+    stopped |= np.isin(token, stop)
+    if stopped.all() or i == max_new_tokens - 1:
+      break
+    logits, state = model.stream(token[:, None], state)
+    last_logits = logits[:, -1]
+  return np.stack(out, axis=1) if out else np.zeros((last_logits.shape[0], 0), np.int32)
+
+
+def next_token_argmax(model: Transformer, tokens: np.ndarray, chunk_size: int,
+                      progress: Optional[Progress] = None) -> np.ndarray:
+  """The argmax prediction after every position of `tokens` [B, T]: [B, T] int32 (position t predicts
+  token t + 1), streamed in chunks; only the ids are kept, never the logits of the whole text."""
+  tokens = _check_tokens(model, tokens)
+  state = model.init_state(tokens.shape[0])
+  out = np.zeros(tokens.shape, np.int32)
+  for start, end in chunk_bounds(tokens.shape[1], chunk_size):
+    logits, state = model.stream(tokens[:, start:end], state)
+    out[:, start:end] = np.asarray(jnp.argmax(logits, axis=-1))
+    if progress is not None:
+      progress.advance((end - start) * tokens.shape[0])
+  return out
+
+
+def cut_at_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+  """The ids before the first stop id."""
+  ids = [int(t) for t in ids]
+  for i, t in enumerate(ids):
+    if t in stop_ids:
+      return ids[:i]
+  return ids
+
+
+def _check_tokens(model: Transformer, tokens) -> np.ndarray:
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 2 or tokens.shape[1] < 1:
+    raise ValueError(f"tokens must be [batch, length >= 1], got shape {tokens.shape}")
+  vocab = model.config.vocab_size
+  if tokens.min() < 0 or tokens.max() >= vocab:
+    raise ValueError(f"token ids must be in [0, {vocab}) (the model's vocab_size), got "
+                     f"[{tokens.min()}, {tokens.max()}]; is the vocabulary the model's?")
+  return tokens
