@@ -96,9 +96,14 @@ def get_config() -> config_dict.ConfigDict:
   f.rsp_prob = 0.8            # Random State Passing probability (used only when attention == "fam")
   f.rpo = True                # Random Position Offset
 
-  # -- the device mesh (famjax.parallel.MeshConfig): data * fsdp * tensor = devices; one may be -1 ---
+  # -- the device mesh (famjax.parallel.MeshConfig; docs/launch.md) ---------------------------------
+  # data * fsdp * tensor = the devices of one slice (one of them may be -1: the rest of the slice);
+  # dcn_data * dcn_fsdp = the slices of a multislice job (1 on CPU, GPU and a single TPU slice).
+  # The mesh may change when a run resumes (another slice, more hosts): checkpoints are resharded.
   me = c.mesh = config_dict.ConfigDict()
-  me.data = -1
-  me.fsdp = 1
-  me.tensor = 1
+  me.data = -1                # data parallelism: parameters replicated, the batch split
+  me.fsdp = 1                 # FSDP: the batch and the parameters/optimizer state split
+  me.tensor = 1               # tensor parallelism: heads, MLP hidden and vocabulary split
+  me.dcn_data = 1             # slices doing data parallelism over the data-center network
+  me.dcn_fsdp = 1             # slices doing FSDP over the data-center network (slow; only if needed)
   return c

@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from famjax.parallel import distributed
+from famjax.parallel import MESH_AXES, distributed, slice_count
 from famjax.training import evaluate, export, init_from, loop
 from famjax.training.config import ConfigError, job_config, train_config
 from famjax.training.data_source import DataSource
@@ -83,7 +83,7 @@ def build(config):
                         f"smaller than the data's ({data.vocab_size()})")
     job = dataclasses.replace(job, model=source_model)
   try:
-    sizes = dict(zip(("data", "fsdp", "tensor"), job.mesh.resolve(jax.device_count())))
+    sizes = dict(zip(MESH_AXES, job.mesh.resolve(jax.device_count(), slice_count(jax.devices()))))
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
   batch_ways = sizes["data"] * sizes["fsdp"]

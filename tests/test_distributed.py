@@ -243,3 +243,8 @@ def test_describe_disagreement():
 
 def test_check_same_config_on_one_process_returns_the_fingerprint():
   assert dist.check_same_config({"a": 1}) == dist.config_fingerprint({"a": 1})
+
+
+def test_gather_json_on_one_process_is_a_list_of_one():
+  # (two processes: tests/test_multihost_restore.py reads both data positions from a checkpoint)
+  assert dist.gather_json({"index": 3, "shape": (1, 2)}) == [{"index": 3, "shape": [1, 2]}]

@@ -1,9 +1,12 @@
-"""famjax.parallel: the mesh, the logical-axis rules (a golden table), and a sharded train step on 8
-simulated CPU devices that equals the single-device step.
+"""famjax.parallel: the mesh (one slice, and multislice in-slice x across-slice sizes arranged on fake TPU
+devices), the logical-axis rules (a golden table), and a sharded train step on 8 simulated CPU devices
+that equals the single-device step.
 
 The 8-device check runs in a subprocess (this file as a script with XLA_FLAGS set), because the device
 count is fixed when a process first touches jax."""
 
+import dataclasses
+import itertools
 import os
 import subprocess
 import sys
@@ -15,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from famjax import ModelConfig
 from famjax.model.params import LOGICAL_AXES, param_shapes
-from famjax.parallel import MESH_AXES, MeshConfig, logical_to_spec
+from famjax.parallel import MESH_AXES, MeshConfig, MeshShape, device_grid, logical_to_spec, slice_count
 from famjax.training import lora
 from famjax.training.config import LoraConfig
 
@@ -36,6 +39,71 @@ def test_mesh_sizes():
       bad.resolve(count)
   with pytest.raises(ValueError, match="mesh.tensor"):
     MeshConfig(tensor=0)
+
+
+# -- multislice: in-slice (ICI) sizes x across-slice (DCN) sizes -------------------------------------------
+
+def test_multislice_mesh_sizes():
+  shape = MeshConfig(data=-1, fsdp=2, dcn_data=2).shape(16)
+  assert shape == MeshShape(ici=(4, 2, 1), dcn=(2, 1, 1)) and shape.total == (8, 2, 1)
+  assert MeshConfig(data=1, fsdp=-1, dcn_data=2, dcn_fsdp=2).resolve(32, slices=4) == (2, 16, 1)
+  assert MeshConfig().shape(8, slices=1) == MeshShape((8, 1, 1), (1, 1, 1))
+
+
+@pytest.mark.parametrize("config,count,slices,match", [
+    (dict(dcn_data=0), None, None, r"mesh.dcn_data must be a positive integer"),
+    (dict(dcn_fsdp=-1), None, None, r"mesh.dcn_fsdp must be a positive integer"),
+    (dict(dcn_data=3), 8, None, r"dcn_data\*dcn_fsdp = 3 slices do not divide the 8 devices"),
+    (dict(data=4, dcn_data=2), 16, None, r"data\*fsdp\*tensor = 4 .* must equal the devices per slice "
+                                         r"\(16 devices / 2 slices\), 8"),
+    (dict(dcn_data=2), 8, 1, r"dcn_data\*dcn_fsdp = 2\*1 = 2 must equal the number of slices the devices "
+                             r"span, 1"),
+    (dict(dcn_data=2), 16, 4, r"must equal the number of slices the devices span, 4"),
+    (dict(), 16, 2, r"the devices span 2 slices, but dcn_data\*dcn_fsdp = 1: set mesh.dcn_data"),
+])
+def test_multislice_mesh_errors_name_the_field(config, count, slices, match):
+  with pytest.raises(ValueError, match=match):
+    MeshConfig(**config).shape(count, slices)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTpu:
+  """What jax.experimental.mesh_utils reads of a TPU device."""
+
+  id: int
+  coords: tuple
+  slice_index: int
+  process_index: int
+  core_on_chip: int = 0
+  device_kind: str = "TPU v4"
+  platform: str = "tpu"
+
+
+def fake_slices(slices, chips_xyz=(2, 2, 2), chips_per_host=4):
+  """`slices` TPU v4 slices of 2x2x2 chips, numbered as jax numbers devices (slice-major)."""
+  devices = []
+  for s in range(slices):
+    for z, y, x in itertools.product(*(range(n) for n in reversed(chips_xyz))):
+      devices.append(FakeTpu(len(devices), (x, y, z), s, len(devices) // chips_per_host))
+  return devices
+
+
+def test_multislice_device_grid_keeps_dcn_on_the_slice_axes():
+  devices = fake_slices(2)
+  assert slice_count(devices) == 2 and slice_count(jax.devices()) == 1  # CPU devices: one slice
+  grid = device_grid(MeshConfig(data=2, fsdp=4, dcn_data=2), devices[::-1])  # any input order
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  assert grid.shape == (4, 4, 1)
+  assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()  # data = [slice 0 x 2, slice 1 x 2]
+  assert sorted(d.id for d in grid.flat) == list(range(16))
+  grid = device_grid(MeshConfig(data=1, fsdp=-1, tensor=2, dcn_fsdp=2), devices)
+  assert grid.shape == (1, 8, 2)
+  assert (np.vectorize(lambda d: d.slice_index)(grid) == np.repeat([0, 1], 4)[None, :, None]).all()
+  # inside a slice: jax's topology-aware order, the tensor pairs are neighbouring chips
+  for pair in grid[0]:
+    assert sum(abs(a - b) for a, b in zip(pair[0].coords, pair[1].coords)) == 1
+  with pytest.raises(ValueError, match="the devices span 2 slices"):
+    device_grid(MeshConfig(), devices)
 
 
 CFG = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=1, mlp_dim=128,
@@ -144,6 +212,10 @@ def _main():
     gate = state.trainable["layers"]["gate"]
     assert gate.sharding.spec == P(None, "fsdp", "tensor"), gate.sharding
     assert len(gate.addressable_shards) == 8
+    # AdamW's moments are split like the parameters (not left replicated on every device)
+    moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if jax.tree_util.keystr(path).endswith("['layers']['gate']")]
+    assert len(moments) == 2 and all(m.sharding.spec == gate.sharding.spec for m in moments), moments
     assert trainer.batch_shardings["inputs"].spec[0] in (("data", "fsdp"), "fsdp")
   print("sharded == single device for (2, 2, 2) and (1, 4, 2)")
 

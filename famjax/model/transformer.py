@@ -7,7 +7,7 @@ chunk by chunk with a constant-size state (bswa, fam) or a growing key/value cac
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,17 @@ _REMAT = {
 }
 
 
+# Logical axis names of the activations, for `forward`'s `constrain` (mapped by famjax.parallel's rules).
+ACTIVATION_AXES = ("batch", "length", "embed")
+LOGITS_AXES = ("batch", "length", "vocab")
+Constrain = Callable[[jax.Array, tuple], jax.Array]
+
+
+def _unconstrained(x: jax.Array, names: tuple) -> jax.Array:
+  del names
+  return x
+
+
 def prompt_fam(params: dict, cfg: ModelConfig) -> jax.Array:
   """Each layer's initial FAM from the learned prompt (spec §4): [L, F, D]; [L, 0, D] without FAM."""
   if not cfg.has_fam:
@@ -85,12 +96,16 @@ def empty_state(params: dict, cfg: ModelConfig, batch_size: int, start_position=
 
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamState, *, max_pending: int,
             token_mask: jax.Array | None = None, position_offset: jax.Array | None = None,
-            segment_ids: jax.Array | None = None):
+            segment_ids: jax.Array | None = None, constrain: Constrain | None = None):
   """Logits [B, n, V] (float32) of a chunk `tokens` [B, n] that continues `state`, and the next state.
 
   `max_pending` (static) bounds `state.pending`: 0 for a forward from an empty state. `segment_ids`
   (packed-example ids, attention only within an example) needs an empty state and bswa or full.
+  `constrain(x, logical_names)` pins the sharding of the activations between layers ("batch", "length",
+  "embed") and of the logits ("batch", "length", "vocab"), e.g. famjax.parallel.activation_constraint:
+  without it, on an FSDP mesh the compiler may gather the batch instead of the weights.
   """
+  constrain = constrain or _unconstrained
   if segment_ids is not None and cfg.has_fam:
     raise ValueError("segment_ids (masking between packed examples) is not supported with attention="
                      "'fam': the FAM would still carry information across examples; pack without masks "
@@ -100,6 +115,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   x = params["embed"][tokens].astype(dtype)
   if cfg.embed_scale:
     x = x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+  x = constrain(x, ACTIVATION_AXES)
   info = ChunkInfo(
       context=state.context, pending=state.pending, fam_from_prompt=state.fam_from_prompt,
       token_valid=None if token_mask is None else token_mask.astype(bool),
@@ -109,7 +125,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   def layer(x, inputs):
     p, ctx = inputs
     p = jax.tree.map(lambda w: w.astype(dtype), p)
-    return decoder_layer(p, cfg, x, ctx, info, max_pending)
+    x, ctx = decoder_layer(p, cfg, constrain(x, ACTIVATION_AXES), ctx, info, max_pending)
+    return constrain(x, ACTIVATION_AXES), ctx
 
   if cfg.remat != "none":
     layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
@@ -119,6 +136,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_eps)
   out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
   logits = jnp.einsum("BTD,DV->BTV", h, out.astype(dtype), preferred_element_type=jnp.float32)
+  logits = constrain(logits, LOGITS_AXES)
 
   total = state.pending + n
   if cfg.uses_blocks:

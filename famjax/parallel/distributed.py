@@ -14,7 +14,8 @@ aborts the process (a C++ CHECK, exit code 134, "DEADLINE_EXCEEDED ... RegisterT
 passed. The roll call turns those cases into Python exceptions that say what is wrong, within `timeout_s`.
 After start-up, `check_same_config` compares every process's config and names the ones that differ.
 
-Owns: process discovery, the roll call, config agreement. Imports only jax and numpy (no famjax package).
+Owns: process discovery, the roll call, config agreement, gathering small JSON values from every process.
+Imports only jax and numpy (no famjax package).
 """
 
 from __future__ import annotations
@@ -438,6 +439,13 @@ def _allgather_bytes(data: bytes) -> list[bytes]:
   padded[:len(data)] = np.frombuffer(data, np.uint8)
   rows = np.asarray(multihost_utils.process_allgather(padded))
   return [rows[p, :n].tobytes() for p, n in enumerate(lengths)]
+
+
+def gather_json(value) -> list:
+  """Every process's `value` (anything JSON-able), in process order. Collective: every process calls it."""
+  if jax.process_count() == 1:
+    return [json.loads(json.dumps(value))]
+  return [json.loads(b) for b in _allgather_bytes(json.dumps(value, sort_keys=True).encode())]
 
 
 def check_same_config(config) -> str:

@@ -122,7 +122,7 @@ class Peak:
   REFRESH_INTERVAL_S = 60.0
 
   def __init__(self, devices=None):
-    devices = list(devices or jax.devices())
+    devices = list(jax.devices() if devices is None else devices)  # (a mesh's numpy array of devices too)
     per_device = peak_flops_per_device(devices[0])
     self.measured = per_device is None and devices[0].platform == "cpu"
     self.refreshes, self._last = (3 if self.measured else 0), time.monotonic()

@@ -9,7 +9,7 @@ famjax.data: train.py wires the data in.
 Determinism: the step is a pure function of (state, batch) and the state holds the RNG, so a run resumed
 from step N reaches the same per-step losses as an uninterrupted one (tested with SIGKILL). The next
 batch is read while the device computes the current step; the data position saved with checkpoint N is
-the one after batch N.
+the one after batch N, for every process (each reads its own part of the data).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import jax
 
+from famjax.parallel import distributed
 from famjax.training import flops as flops_lib
 from famjax.training import init_from, metrics as metrics_lib, workdir as workdir_lib
 from famjax.training.checkpoint import Checkpointer
@@ -74,6 +75,22 @@ def _restore_or_init(trainer: Trainer, ckpt: Checkpointer, say) -> tuple[int, Tr
   return 0, trainer.initial_state(params), None
 
 
+def saved_positions(position: dict) -> dict:
+  """What a checkpoint's `data` item holds: every process's data position (collective). Orbax writes the
+  item from process 0 only, and on several hosts each one reads its own part of the data."""
+  return {"process_positions": distributed.gather_json(position)}
+
+
+def own_position(saved: dict | None) -> dict | None:
+  """This process's data position from a checkpoint's `data` item. After a change in the number of
+  processes it is process 0's: the data source decides whether it can continue from it (the synthetic
+  stream can; famjax.data's pipeline refuses another process layout)."""
+  if not saved or "process_positions" not in saved:
+    return saved  # a checkpoint written before positions were gathered (one process's)
+  positions = saved["process_positions"]
+  return positions[jax.process_index()] if len(positions) == jax.process_count() else positions[0]
+
+
 def _nan_result(ckpt: Checkpointer, done: int, metrics: dict) -> RunResult:
   ckpt.wait()
   good = ckpt.steps()
@@ -110,7 +127,7 @@ def run(job: JobConfig, workdir, make_batches: Callable[[dict | None], Iterator]
   say(f"model FLOPs/step {step_flops:.3g}; MFU against {peak.value / 1e9:.1f} GFLOP/s ({peak.source})")
   logger = metrics_lib.MetricsLogger(workdir, train.steps, tensorboard=train.tensorboard, files=primary)
   tokens_per_step = train.batch_size * train.seq_len
-  batches = make_batches(data_position)
+  batches = make_batches(own_position(data_position))
   result = None
   try:
     with _sigterm_flag() as stop:
@@ -142,7 +159,7 @@ def run(job: JobConfig, workdir, make_batches: Callable[[dict | None], Iterator]
           logger.progress(done, metrics, eta)
         final = done == train.steps
         if final or stop["stop"] or (train.checkpoint_every and done % train.checkpoint_every == 0):
-          ckpt.save(done, state, position, job.to_dict())
+          ckpt.save(done, state, saved_positions(position), job.to_dict())
           last_checkpoint = done
         if stop["stop"] and not final:
           ckpt.wait()

@@ -49,12 +49,13 @@ def starting_fam(prompt_state: transformer.StreamState, saved: jax.Array, use_sa
 
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTrainingConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float = 0.0,
-                    mask_between_examples: bool = False):
+                    mask_between_examples: bool = False, constrain=None):
   """train_step(state, batch) -> (state, metrics). batch: "inputs", "targets" int32 [B, T], "weights"
   float32 [B, T], optional "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 for padding:
   padding is masked as keys and kept out of FAM updates; with `mask_between_examples` (bswa and full
-  only) tokens attend only within their example). metrics: float32 scalars (loss, ce, z_loss, accuracy,
-  weight_sum, grad_norm, learning_rate, rsp_used)."""
+  only) tokens attend only within their example). `constrain`: the activations' sharding on the mesh
+  (famjax.parallel.activation_constraint; None on one device). metrics: float32 scalars (loss, ce,
+  z_loss, accuracy, weight_sum, grad_norm, learning_rate, rsp_used)."""
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
 
   def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset):
@@ -67,7 +68,7 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     logits, final = transformer.forward(
         params, model_cfg, inputs, state, max_pending=0,
         token_mask=None if segments is None else segments > 0, position_offset=offset,
-        segment_ids=segments if mask_between_examples else None)
+        segment_ids=segments if mask_between_examples else None, constrain=constrain)
     loss, metrics = weighted_cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
     return loss, (metrics, final.fam[:, 0])
 

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from famjax.model import ModelConfig, init_params
-from famjax.parallel import batch_sharding, make_mesh, replicated, tree_shardings
+from famjax.parallel import (activation_constraint, batch_sharding, make_mesh, mirror_shardings, replicated,
+                             tree_shardings)
 from famjax.training.checkpoint import abstract_like
 from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig
 from famjax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -56,7 +57,8 @@ class Programs:
     self.optimizer = make_optimizer(spec.optimizer, spec.steps)
     self.schedule = learning_rate_schedule(spec.optimizer, spec.steps)
     step = make_train_step(cfg, spec.lora, spec.fam, self.optimizer, self.schedule, spec.z_loss,
-                           mask_between_examples=spec.mask_between_examples)
+                           mask_between_examples=spec.mask_between_examples,
+                           constrain=activation_constraint(mesh))
 
     abstract_params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     trainable_axes, frozen_axes = state_logical_axes(cfg, spec.lora)
@@ -65,20 +67,17 @@ class Programs:
     def init_state(params, seed):
       return new_state(params, cfg, spec.lora, self.optimizer, seed)
 
-    # Sharding of the state: parameters by the rules, the optimizer state as the compiler propagates it.
+    # Sharding of the state: parameters by the rules, the optimizer state like the parameters it mirrors
+    # (famjax.parallel.mirror_shardings), the small rest replicated.
     abstract_state = jax.eval_shape(init_state, abstract_params, 0)
-    init_jit = jax.jit(init_state, in_shardings=(self.param_shardings, None))
-    if mesh.size == 1:
-      propagated = jax.tree.map(lambda _: replicated(mesh), abstract_state)
-    else:
-      init_jit = init_jit.lower(abstract_params, 0).compile()
-      propagated = init_jit.output_shardings
     trainable_sh = tree_shardings(abstract_state.trainable, trainable_axes, mesh)
     frozen_sh = tree_shardings(abstract_state.frozen, frozen_axes, mesh)
-    self.state_shardings = propagated.replace(trainable=trainable_sh, frozen=frozen_sh)
+    self.state_shardings = jax.tree.map(lambda _: replicated(mesh), abstract_state).replace(
+        trainable=trainable_sh, frozen=frozen_sh,
+        opt_state=mirror_shardings(abstract_state.opt_state, abstract_state.trainable, trainable_sh, mesh))
     self.abstract_state = abstract_like(abstract_state, self.state_shardings)
-    # (a reshard, where the rules and the propagated layout of the parameters differ)
-    self.init_state = lambda params, seed: jax.device_put(init_jit(params, seed), self.state_shardings)
+    self.init_state = jax.jit(init_state, in_shardings=(self.param_shardings, None),
+                              out_shardings=self.state_shardings)
     self.init_params = jax.jit(lambda k: init_params(cfg, k), out_shardings=self.param_shardings)
 
     B, T = spec.batch_size, spec.seq_len
