@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from famjax.model import transformer
+from famjax.parallel import activation_constraint
 from famjax.training.config import JobConfig
 from famjax.training.export import restore_params
 from famjax.training.loss import weighted_cross_entropy
+from famjax.training.trainer import Trainer
 
 
 def evaluate(job: JobConfig, workdir, make_batches, num_batches: int) -> dict:
@@ -23,6 +25,7 @@ def evaluate(job: JobConfig, workdir, make_batches, num_batches: int) -> dict:
   `num_batches` batches of the iterator `make_batches()` returns (made once the checkpoint is read)."""
   step, params = restore_params(job, workdir)
   cfg = job.model
+  constrain = activation_constraint(Trainer(job).mesh)  # the batch stays split, as in training
   batches = make_batches()
 
   @jax.jit
@@ -30,7 +33,8 @@ def evaluate(job: JobConfig, workdir, make_batches, num_batches: int) -> dict:
     inputs = batch["inputs"]
     state = transformer.empty_state(params, cfg, inputs.shape[0])
     mask = batch["segment_ids"] > 0 if "segment_ids" in batch else None
-    logits, _ = transformer.forward(params, cfg, inputs, state, max_pending=0, token_mask=mask)
+    logits, _ = transformer.forward(params, cfg, inputs, state, max_pending=0, token_mask=mask,
+                                    constrain=constrain)
     _, m = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
     return jnp.stack([m["ce"] * m["weight_sum"], m["accuracy"] * m["weight_sum"], m["weight_sum"]])
 
