@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from famjax.evaluation.progress import Progress
+from famjax.inference.generate import decode
 from famjax.model import ModelConfig, StreamState, Transformer
 
 BOS_ID = 0
@@ -78,19 +79,8 @@ def greedy_continue(model: Transformer, state: StreamState, last_logits: jax.Arr
                     stop_ids: Sequence[int] = ()) -> np.ndarray:
   """Up to `max_new_tokens` argmax tokens [B, n] after a read prompt. A row that produced a stop id
   repeats it; generation ends early once every row has stopped."""
-  stop = np.asarray(sorted(set(int(t) for t in stop_ids)), np.int32)
-  stopped = np.zeros(last_logits.shape[0], bool)
-  out = []
-  for i in range(max_new_tokens):
-    token = np.asarray(jnp.argmax(last_logits, axis=-1)).astype(np.int32)
-    token = np.where(stopped, out[-1] if out else token, token)
-    out.append(token)
-    stopped |= np.isin(token, stop)
-    if stopped.all() or i == max_new_tokens - 1:
-      break
-    logits, state = model.stream(token[:, None], state)
-    last_logits = logits[:, -1]
-  return np.stack(out, axis=1) if out else np.zeros((last_logits.shape[0], 0), np.int32)
+  return decode(model, state, last_logits, max_new_tokens, lambda logits: jnp.argmax(logits, axis=-1),
+                stop_ids)[0]
 
 
 def next_token_argmax(model: Transformer, tokens: np.ndarray, chunk_size: int,

@@ -11,7 +11,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from famjax.inference.sampling import SamplingConfig, sample
@@ -58,23 +57,36 @@ def generate(model: Transformer, prompt, *, max_new_tokens: int, sampling: Sampl
   prompt_seconds = time.perf_counter() - t0
 
   key = jax.random.key(seed)
-  stop = np.asarray(sorted(set(int(t) for t in stop_tokens)), np.int32)
-  stopped = np.zeros(batch, bool)
-  out = []
-  t0 = time.perf_counter()
-  for i in range(max_new_tokens):
+
+  def pick(logits):
+    nonlocal key
     key, sub = jax.random.split(key)
-    token = np.asarray(_sample_jit(last, sub, sampling))
+    return _sample_jit(logits, sub, sampling)
+
+  t0 = time.perf_counter()
+  tokens, stopped = decode(model, state, last, max_new_tokens, pick, stop_tokens)
+  generation_seconds = time.perf_counter() - t0
+  return GenerationResult(tokens=tokens,
+                          prompt_tokens_per_second=batch * length / prompt_seconds,
+                          generation_tokens_per_second=tokens.size / generation_seconds,
+                          stopped=stopped)
+
+
+def decode(model: Transformer, state, last_logits, max_new_tokens: int, pick, stop_tokens=()):
+  """The token-by-token loop after a read prompt: `pick(logits [B, V]) -> token ids [B]`, fed back one
+  at a time. A row that produced a stop token repeats it; the loop ends once every row has stopped.
+  Returns (tokens [B, n] int32, stopped [B] bool)."""
+  stop = np.asarray(sorted(set(int(t) for t in stop_tokens)), np.int32)
+  stopped = np.zeros(last_logits.shape[0], bool)
+  out = []
+  for i in range(max_new_tokens):
+    token = np.asarray(pick(last_logits)).astype(np.int32)
     token = np.where(stopped, out[-1] if out else token, token)  # a stopped row repeats its stop token
     out.append(token)
     stopped |= np.isin(token, stop)
     if stopped.all() or i == max_new_tokens - 1:
       break
     logits, state = model.stream(token[:, None], state)
-    last = logits[:, -1]
-  generation_seconds = time.perf_counter() - t0
-  tokens = np.stack(out, axis=1)
-  return GenerationResult(tokens=tokens,
-                          prompt_tokens_per_second=batch * length / prompt_seconds,
-                          generation_tokens_per_second=tokens.size / generation_seconds,
-                          stopped=stopped)
+    last_logits = logits[:, -1]
+  tokens = np.stack(out, axis=1) if out else np.zeros((last_logits.shape[0], 0), np.int32)
+  return tokens, stopped
