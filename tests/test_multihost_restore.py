@@ -60,7 +60,19 @@ def train(workdir, cache_dir, steps, mesh, processes=1, devices=4):
     command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes", str(processes),
                "--devices_per_process", str(devices), "--", *command]
     devices = None  # the launcher sets them
-  proc = subprocess.Popen(command, cwd=ROOT, env=env(cache_dir, devices), stdout=subprocess.PIPE,
+  returncode, text = run_once(command, env(cache_dir, devices), where)
+  if returncode != 0 and processes > 1 and "CoordinationService" in text:
+    # Seen once in 6 full-suite runs on 2 loaded cores: jax's coordination service failed a barrier
+    # (outside famjax). The run resumes from its last checkpoint, as a user would rerun it.
+    print(f"{where}: coordination-service failure, rerunning once\n{text[-1500:]}")
+    returncode, text = run_once(command, env(cache_dir, devices), where)
+  assert returncode == 0, f"{where}\n{text[-6000:]}"
+  print(f"{where}: {time.monotonic() - start:.1f} s")
+  return text
+
+
+def run_once(command, environment, where):
+  proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   try:
     text = proc.communicate(timeout=300)[0]
@@ -68,9 +80,7 @@ def train(workdir, cache_dir, steps, mesh, processes=1, devices=4):
     proc.terminate()  # launch/local.py passes SIGTERM on to its processes
     text = proc.communicate(timeout=30)[0]
     pytest.fail(f"{where}: timed out after 300 s\n{text[-6000:]}")
-  assert proc.returncode == 0, f"{where}\n{text[-6000:]}"
-  print(f"{where}: {time.monotonic() - start:.1f} s")
-  return text
+  return proc.returncode, text
 
 
 def logged(workdir):
