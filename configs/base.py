@@ -94,6 +94,7 @@ def get_config() -> config_dict.ConfigDict:
   # -- FAM training techniques (spec §6; famjax.training.config.FamTrainingConfig) ------------------
   f = c.fam = config_dict.ConfigDict()
   f.rsp_prob = 0.8            # Random State Passing probability (used only when attention == "fam")
+  f.rsp_start_step = 0        # RSP only from this step on (0: from the start, as the paper fine-tunes)
   f.rpo = True                # Random Position Offset
 
   # -- the device mesh (famjax.parallel.MeshConfig; docs/launch.md) ---------------------------------

@@ -31,6 +31,8 @@ _EXAMPLES = flags.DEFINE_integer("passkey_examples", 10, "PassKey examples per l
                                  "evenly from 0 to 1)")
 _SEED = flags.DEFINE_integer("passkey_seed", 0, "seed of the PassKey examples (the data seed of the "
                              "passkey_* tasks)")
+_FORMAT = flags.DEFINE_enum("passkey_format", "paper", ["paper", "short"], "PassKey text: the paper's, or "
+                             "the short one of the small-scale experiment (famjax.data.passkey)")
 _TASKS = flags.DEFINE_list("tasks", [], "seqio tasks to evaluate: scrolls_qasper, scrolls_quality, "
                            "scrolls_narrative_qa, xlsum, pg19 (or any famjax task or mixture)")
 _SPLIT = flags.DEFINE_string("split", "validation", "the tasks' split")
@@ -88,6 +90,7 @@ def main(argv) -> None:
     from famjax.evaluation import runner  # pylint: disable=import-outside-toplevel
     settings = runner.Settings(
         passkey_lengths=lengths, passkey_examples=_EXAMPLES.value, passkey_seed=_SEED.value,
+        passkey_format=_FORMAT.value,
         tasks=tuple(_TASKS.value), split=_SPLIT.value, task_examples=_TASK_EXAMPLES.value,
         max_new_tokens=_MAX_NEW.value, tfds_data_dir=_TFDS_DIR.value, chunk_size=_CHUNK.value,
         bos_id=None if _BOS.value < 0 else _BOS.value)

@@ -69,6 +69,46 @@ def test_training_passkey_draws_filler_lengths_from_the_range():
   assert all(100 <= n - overhead <= 300 for n in lengths) and len(set(lengths)) > 10
 
 
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_short_format_puts_the_key_once_and_can_put_it_next_to_the_question(depth):
+  short = passkey.SHORT
+  ex = passkey.make_example(np.random.default_rng(3), filler_chars=400, depth=depth, fmt=short)
+  key = str(ex.key)
+  assert ex.prompt.count(key) == 1 and ex.prompt[ex.key_offset:ex.key_offset + 5] == key
+  assert ex.prompt.endswith("\nThe pass key:") and ex.answer == key
+  assert ex.prompt.count(":") == 2 and ex.prompt[ex.key_offset - 1] == ":"
+  assert len(ex.prompt) == 400 + len(f"The pass key:{key}. ") + len("\nThe pass key:")
+  if depth == 1.0:  # the key ends at most a filler sentence + 16 characters before the prompt does
+    assert len(ex.prompt) - (ex.key_offset + 5) <= len(". \nThe pass key:") + LONGEST_FILLER_SENTENCE
+
+
+def test_short_format_eval_examples_have_the_asked_length():
+  vocab = data.get_vocabulary("byte")
+  make = passkey.make_eval_examples(1000, vocab, n_examples=3, fmt=passkey.SHORT)
+  pairs = list(make("validation", 0, 0, 1, None))
+  assert len(pairs) == 3
+  for prompt, answer in pairs:
+    assert len(vocab.encode(prompt)) + len(vocab.encode(answer)) + 1 == 1000  # + EOS
+    assert not prompt.startswith(passkey.INTRO)
+  with pytest.raises(ValueError, match="unknown PassKey format 'long'"):
+    passkey.get_format("long")
+
+
+def test_small_training_task_uses_the_short_format():
+  cfg = data.DataConfig(mixture="passkey_train_small", seq_len=512, repeat_segment_len=0)
+  ex = next(iter(data.get_examples(cfg, split="train")))
+  assert ex["inputs_pretokenized"].endswith("\nThe pass key:")
+  assert len(ex["inputs"]) <= 160 + 34  # filler + needle + question (bytes)
+
+
+def test_digit_copy_task_repeats_its_digits():
+  cfg = data.DataConfig(mixture="passkey_copy_small", seq_len=512, repeat_segment_len=0)
+  for ex, _ in zip(data.get_examples(cfg, split="train"), range(20)):
+    digits, answer = ex["inputs_pretokenized"], ex["targets_pretokenized"]
+    assert digits.isdigit() and 8 <= len(digits) <= 16
+    assert answer == digits * (len(answer) // len(digits)) and 12 <= len(answer) // len(digits) <= 24
+
+
 def test_exact_match_metric_reads_the_key_from_generated_text():
   targets = [passkey.postprocess(" 12345"), passkey.postprocess(" 55555")]
   predictions = [passkey.postprocess(" 12345. Remember it."), passkey.postprocess(" 5555")]

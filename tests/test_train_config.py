@@ -53,7 +53,7 @@ class _null:
     ("model.d_model", "big"),
     ("optimizer.name", "sgd"), ("optimizer.learning_rate", 0.0), ("optimizer.b1", 1.0),
     ("optimizer.schedule", "linear"), ("lora.rank", -1), ("lora.targets", "q,proj"),
-    ("fam.rsp_prob", 1.5), ("fam.rpo", "yes"), ("mesh.data", 0), ("mesh", -1),
+    ("fam.rsp_prob", 1.5), ("fam.rsp_start_step", -1), ("fam.rpo", "yes"), ("mesh.data", 0), ("mesh", -1),
 ])
 def test_invalid_values_name_the_field(field, value):
   config = base.get_config()
@@ -98,6 +98,15 @@ def test_incompatible_fields_ignore_resumable_ones():
   b["model"]["d_model"] = 512
   b["optimizer"]["learning_rate"] = 1.0
   assert [f.split()[0] for f in incompatible_fields(a, b)] == ["model.d_model", "optimizer.learning_rate"]
+
+
+def test_a_run_saved_before_a_field_existed_matches_its_default():
+  saved = build(demo.get_config()).to_dict()
+  del saved["fam"]["rsp_start_step"], saved["init_from"]  # (init_from's default is None)
+  current = build(demo.get_config()).to_dict()
+  assert incompatible_fields(saved, current) == []
+  current["fam"]["rsp_start_step"] = 100
+  assert incompatible_fields(saved, current) == ["fam.rsp_start_step (0 -> 100)"]
 
 
 # -- the paper's models (spec §7) -----------------------------------------------------------------------

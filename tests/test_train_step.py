@@ -194,6 +194,16 @@ def test_rsp_keeps_example_0_final_fam_and_starts_from_it():
   assert 0 < sum(used) < 5, used  # p = 0.5, drawn per step (deterministic for this seed)
 
 
+def test_rsp_waits_for_its_start_step():
+  cfg = FamTrainingConfig(rsp_prob=1.0, rsp_start_step=3)
+  step, state = make(lora_cfg=LORA, fam_cfg=cfg)
+  used = []
+  for batch in batches(5):
+    state, m = step(state, batch)
+    used.append(float(m["rsp_used"]))
+  assert used == [0.0, 0.0, 0.0, 1.0, 1.0] and bool(state.rsp_valid)
+
+
 def test_rpo_offsets():
   theta = 10_000.0
   offsets = np.asarray(random_position_offset(jax.random.key(0), 4000, theta))

@@ -5,7 +5,15 @@ key sentence at a chosen depth of the filler, more filler, then the question. Th
 
 - make_example: one example, deterministic for an rng (or seed), with the key at `depth` (0 = just after
   the instruction, 1 = just before the question) or at a random depth.
-- Training tasks draw the filler length from a range (the paper: 2k-18k tokens).
+- Training tasks draw the filler length from a range: `passkey_train` the paper's 2k-18k tokens,
+  `passkey_train_small` 0-160 tokens in the SHORT format (below), for the small-scale reproduction of the
+  paper's PassKey result on 2 CPU cores (experiments/passkey_small.py).
+- Two text formats: PAPER (the instruction, the key twice, "What is the pass key? The pass key is", the
+  answer " 12345") and SHORT ("The pass key:12345. " in the filler, "\nThe pass key:" at the end, the
+  answer "12345"). SHORT is for small byte-level models: the paper's text puts the key at least 75 tokens
+  before the answer, SHORT lets it come as close as 20, inside the answer's own block of 32; and ":" occurs
+  nowhere else, where "is " also ends three filler phrases ("The grass is green."), so finding the key is
+  a one-token match for a byte model as "pass key is" is for a model with a real tokenizer.
 - Evaluation tasks `passkey_2k` ... `passkey_1m` have a fixed total length (prompt + answer + EOS, exact
   in the byte vocabulary, within a few tokens otherwise) and EVAL_EXAMPLES examples at evenly spaced
   depths. They are generated lazily, one example at a time: a 1M-token example is 1 MB of text.
@@ -20,14 +28,26 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyFormat:
+  """The words around the filler: intro + filler[:cut] + needle(key) + filler[cut:] + question."""
+
+  name: str
+  intro: str
+  needle: str  # a str.format template; the key's first digit goes where "{key}" first appears
+  question: str
+  answer: str  # a str.format template
+
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 KEY_DIGITS = 5
 
-# Training: filler length range in tokens (the paper's 2k-18k). Evaluation: total tokens per example.
-TRAIN_FILLER_TOKENS = (2048, 18432)
+# Training tasks: filler length range in tokens and format. Evaluation tasks: total tokens per example.
+TRAIN_FILLER_TOKENS = (2048, 18432)  # the paper's: 2 to 18 blocks of 1024
 EVAL_LENGTHS = {
     "passkey_2k": 1 << 11, "passkey_4k": 1 << 12, "passkey_8k": 1 << 13, "passkey_16k": 1 << 14,
     "passkey_32k": 1 << 15, "passkey_64k": 1 << 16, "passkey_128k": 1 << 17, "passkey_256k": 1 << 18,
@@ -35,9 +55,27 @@ EVAL_LENGTHS = {
 }
 EVAL_EXAMPLES = 10
 
+PAPER = PasskeyFormat("paper", INTRO, "The pass key is {key}. Remember it. {key} is the pass key. ",
+                      QUESTION, " {key}")
+SHORT = PasskeyFormat("short", "", "The pass key:{key}. ", "\nThe pass key:", "{key}")
+FORMATS = {f.name: f for f in (PAPER, SHORT)}
+TRAIN_TASKS = {  # name: (filler tokens, format)
+    "passkey_train": (TRAIN_FILLER_TOKENS, PAPER),
+    "passkey_train_small": ((0, 160), SHORT),  # 0 to 5 blocks of 32
+}
+# The small-scale experiment's mixture: PassKey and dense digit copying, 3 examples to 1.
+COPY_TASK = ("passkey_copy_small", (8, 16), (12, 24))  # name, period (digits), repeats
+SMALL_MIXTURE = ("passkey_small", (("passkey_train_small", 3.0), ("passkey_copy_small", 1.0)))
 
-def needle(key: int) -> str:
-  return f"The pass key is {key}. Remember it. {key} is the pass key. "
+
+def get_format(name: str) -> PasskeyFormat:
+  if name not in FORMATS:
+    raise ValueError(f"unknown PassKey format {name!r} (known: {', '.join(FORMATS)})")
+  return FORMATS[name]
+
+
+def needle(key: int, fmt: PasskeyFormat = PAPER) -> str:
+  return fmt.needle.format(key=key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +90,8 @@ class PasskeyExample:
 
 
 def make_example(rng: Union[np.random.Generator, int], filler_chars: int,
-                 depth: Optional[float] = None, key_digits: int = KEY_DIGITS) -> PasskeyExample:
+                 depth: Optional[float] = None, key_digits: int = KEY_DIGITS,
+                 fmt: PasskeyFormat = PAPER) -> PasskeyExample:
   """An example with `filler_chars` characters of filler and the key sentence at `depth` of it.
 
   The key sentence goes at the sentence boundary at or before depth * filler_chars, so it never splits
@@ -70,9 +109,10 @@ def make_example(rng: Union[np.random.Generator, int], filler_chars: int,
   cut = int(round(depth * filler_chars))
   boundary = text.rfind(". ", 0, cut)  # the last sentence boundary that ends at or before the cut
   cut = 0 if boundary < 0 or cut == 0 else boundary + 2
-  prompt = INTRO + text[:cut] + needle(key) + text[cut:] + QUESTION
-  key_offset = len(INTRO) + cut + len("The pass key is ")
-  return PasskeyExample(prompt=prompt, answer=f" {key}", key=key, depth=depth, key_offset=key_offset)
+  prompt = fmt.intro + text[:cut] + needle(key, fmt) + text[cut:] + fmt.question
+  key_offset = len(fmt.intro) + cut + fmt.needle.index("{key}")
+  return PasskeyExample(prompt=prompt, answer=fmt.answer.format(key=key), key=key, depth=depth,
+                        key_offset=key_offset)
 
 
 def _filler(n_chars: int) -> str:
@@ -85,10 +125,11 @@ def chars_per_token(vocabulary) -> float:
   return len(sample) / len(vocabulary.encode(sample))
 
 
-def filler_chars_for_total(total_tokens: int, vocabulary) -> int:
+def filler_chars_for_total(total_tokens: int, vocabulary, fmt: PasskeyFormat = PAPER) -> int:
   """Filler size that makes prompt + answer + EOS `total_tokens` long (exact for the byte vocabulary)."""
-  overhead_tokens = len(vocabulary.encode(INTRO + needle(10 ** (KEY_DIGITS - 1)) + QUESTION
-                                          + " " + "1" * KEY_DIGITS)) + 1  # + EOS
+  key = 10 ** (KEY_DIGITS - 1)
+  overhead_tokens = len(vocabulary.encode(fmt.intro + needle(key, fmt) + fmt.question
+                                          + fmt.answer.format(key=key))) + 1  # + EOS
   return max(0, int((total_tokens - overhead_tokens) * chars_per_token(vocabulary)))
 
 
@@ -97,7 +138,7 @@ def eval_depth(index: int, n_examples: int = EVAL_EXAMPLES) -> float:
   return index / (n_examples - 1) if n_examples > 1 else 0.5
 
 
-def make_train_examples(filler_tokens: tuple[int, int], vocabulary):
+def make_train_examples(filler_tokens: tuple[int, int], vocabulary, fmt: PasskeyFormat = PAPER):
   """ExampleFn (famjax.data.sources) of a training task: endless, random depth and filler length."""
   ratio = chars_per_token(vocabulary)
   low, high = (int(t * ratio) for t in filler_tokens)
@@ -107,23 +148,41 @@ def make_train_examples(filler_tokens: tuple[int, int], vocabulary):
     index = shard_index
     while True:
       rng = np.random.default_rng([seed, 7, zlib.crc32(split.encode()), index])
-      ex = make_example(rng, int(rng.integers(low, high + 1)))
+      ex = make_example(rng, int(rng.integers(low, high + 1)), fmt=fmt)
       yield ex.prompt, ex.answer
       index += num_shards
 
   return make
 
 
-def make_eval_examples(total_tokens: int, vocabulary, n_examples: int = EVAL_EXAMPLES):
+def make_eval_examples(total_tokens: int, vocabulary, n_examples: int = EVAL_EXAMPLES,
+                       fmt: PasskeyFormat = PAPER):
   """ExampleFn of an evaluation task: `n_examples` of `total_tokens`, depths from 0 to 1."""
-  filler_chars = filler_chars_for_total(total_tokens, vocabulary)
+  filler_chars = filler_chars_for_total(total_tokens, vocabulary, fmt)
 
   def make(split: str, seed: int, shard_index: int, num_shards: int, stats) -> Iterator[tuple[str, str]]:
     del split, stats
     for i in range(shard_index, n_examples, num_shards):
       ex = make_example(np.random.default_rng([seed, 8, total_tokens, i]), filler_chars,
-                        depth=eval_depth(i, n_examples))
+                        depth=eval_depth(i, n_examples), fmt=fmt)
       yield ex.prompt, ex.answer
+
+  return make
+
+
+def make_digit_copy_examples(period: tuple[int, int], repeats: tuple[int, int]):
+  """ExampleFn of a dense copying task: `period` random digits, then the same digits again `repeats`
+  times; the answer is the repetitions. Every answer token is a copy target, where PassKey gives one
+  5-digit answer per example: a small model trained from scratch on PassKey alone stays at chance for
+  thousands of steps, mixed with this it starts retrieving (`passkey_small`; docs/passkey_small.md)."""
+  def make(split: str, seed: int, shard_index: int, num_shards: int, stats) -> Iterator[tuple[str, str]]:
+    del stats
+    index = shard_index
+    while True:
+      rng = np.random.default_rng([seed, 9, zlib.crc32(split.encode()), index])
+      digits = "".join(map(str, rng.integers(0, 10, int(rng.integers(period[0], period[1] + 1)))))
+      yield digits, digits * int(rng.integers(repeats[0], repeats[1] + 1))
+      index += num_shards
 
   return make
 

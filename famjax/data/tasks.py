@@ -3,7 +3,9 @@
 Built in (byte vocabulary, registered on import):
 - famjax_demo, famjax_demo_short, famjax_demo_long: Mixtures of five synthetic tasks each
   (`<mixture>_<task>`, see famjax.data.synthetic), equal rates, at three context lengths.
-- passkey_train (filler 2k-18k tokens) and passkey_2k ... passkey_1m (evaluation, fixed length).
+- passkey_train (filler 2k-18k tokens), passkey_train_small (0-160, the short format; see
+  famjax.data.passkey.TRAIN_TASKS), passkey_copy_small (dense digit copying) and their mixture
+  passkey_small, and passkey_2k ... passkey_1m (evaluation, fixed length).
 - scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19 (famjax.data.longcontext).
 User sources (DataConfig.sources) become Tasks `<mixture>_<task_name>` and a Mixture `<mixture>`.
 
@@ -134,9 +136,16 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
   vocab = get_vocabulary(vocabulary)
   for name, context in synthetic.DEMO_MIXTURES.items():
     register_synthetic_mixture(name, context, vocabulary)
-  _python_task("passkey_train" + suffix, vocabulary, ("passkey_train", passkey.TRAIN_FILLER_TOKENS),
-               passkey.make_train_examples(passkey.TRAIN_FILLER_TOKENS, vocab), ("train",),
-               metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+  for name, (filler_tokens, fmt) in passkey.TRAIN_TASKS.items():
+    _python_task(name + suffix, vocabulary, ("passkey_train", filler_tokens, fmt.name),
+                 passkey.make_train_examples(filler_tokens, vocab, fmt), ("train",),
+                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+  copy_name, period, repeats = passkey.COPY_TASK
+  _python_task(copy_name + suffix, vocabulary, ("digit_copy", period, repeats),
+               passkey.make_digit_copy_examples(period, repeats), ("train",),
+               metric_fns=[metrics.exact_match])
+  mixture, rates = passkey.SMALL_MIXTURE
+  _add_mixture(mixture + suffix, [(task + suffix, rate) for task, rate in rates])
   for name, total in passkey.EVAL_LENGTHS.items():
     _python_task(name + suffix, vocabulary, ("passkey_eval", total, passkey.EVAL_EXAMPLES),
                  passkey.make_eval_examples(total, vocab), ("validation",),
@@ -155,7 +164,8 @@ def builtin_names() -> tuple[str, ...]:
   """Names a DataConfig.mixture may take without `sources` (for the byte vocabulary)."""
   names = list(synthetic.DEMO_MIXTURES)
   names += [f"{m}_{t}" for m in synthetic.DEMO_MIXTURES for t in synthetic.TASKS]
-  names += ["passkey_train", *passkey.EVAL_LENGTHS, *longcontext.SPECS]
+  names += [*passkey.TRAIN_TASKS, passkey.COPY_TASK[0], passkey.SMALL_MIXTURE[0], *passkey.EVAL_LENGTHS,
+            *longcontext.SPECS]
   return tuple(sorted(names))
 
 

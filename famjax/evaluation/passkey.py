@@ -27,21 +27,22 @@ EXTRA_TOKENS = 2  # generated beyond the answer's length: room for a space or a 
 
 
 def passkey_examples(vocabulary, total_tokens: int, n_examples: int = passkey_data.EVAL_EXAMPLES,
-                     seed: int = 0) -> list[dict]:
+                     seed: int = 0, fmt: str = "paper") -> list[dict]:
   """The examples of the eval task of `total_tokens` (prompt + answer + EOS): dicts with `prompt`,
   `answer`, `depth` (of the key in the filler, 0 to 1) and `prompt_ids`."""
   if total_tokens < 1 or n_examples < 1:
     raise ValueError(f"total_tokens and n_examples must be >= 1, got {total_tokens}, {n_examples}")
-  make = passkey_data.make_eval_examples(total_tokens, vocabulary, n_examples)
+  make = passkey_data.make_eval_examples(total_tokens, vocabulary, n_examples,
+                                         passkey_data.get_format(fmt))
   pairs = make("validation", seed, 0, 1, None)  # (split, seed, shard 0 of 1, no stats)
   return [{"prompt": prompt, "answer": answer, "depth": passkey_data.eval_depth(i, n_examples),
            "prompt_ids": np.asarray(vocabulary.encode(prompt), np.int32)}
           for i, (prompt, answer) in enumerate(pairs)]
 
 
-def filler_tokens(vocabulary, total_tokens: int) -> int:
+def filler_tokens(vocabulary, total_tokens: int, fmt: str = "paper") -> int:
   """Tokens of filler in an example of `total_tokens` (the rest is instruction, key and question)."""
-  chars = passkey_data.filler_chars_for_total(total_tokens, vocabulary)
+  chars = passkey_data.filler_chars_for_total(total_tokens, vocabulary, passkey_data.get_format(fmt))
   return int(round(chars / passkey_data.chars_per_token(vocabulary)))
 
 
@@ -55,7 +56,7 @@ def score(answers: list[str], outputs: list[str]) -> tuple[list[str], list[str],
 
 def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_examples: int = 10,
                      chunk_size: Optional[int] = None, seed: int = 0, progress=None,
-                     bos_id: Optional[int] = stream.BOS_ID) -> dict:
+                     bos_id: Optional[int] = stream.BOS_ID, fmt: str = "paper") -> dict:
   """PassKey exact match of `model` on `n_examples` examples of `total_tokens` tokens.
 
   Args:
@@ -68,6 +69,7 @@ def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_exampl
     seed: the data seed (DataConfig.seed of the seqio task; 0 by default).
     progress: None, True (a progress line on stderr) or a famjax.evaluation.progress.Progress.
     bos_id: prepended to every prompt (0, as in famjax's training batches); None for none.
+    fmt: the text format, "paper" or "short" (famjax.data.passkey.FORMATS; the model's training one).
 
   Returns a JSON-able dict: total_tokens, filler_tokens, n, exact_match (percent), per_depth (a list of
   {depth, n, exact_match}), predictions (per example: depth, target, prediction, output (the decoded
@@ -77,7 +79,7 @@ def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_exampl
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   t0 = time.perf_counter()
-  examples = passkey_examples(vocabulary, total_tokens, n_examples, seed)
+  examples = passkey_examples(vocabulary, total_tokens, n_examples, seed, fmt)
   eos = vocabulary.eos_id
   new_tokens = max(len(vocabulary.encode(ex["answer"])) for ex in examples) + EXTRA_TOKENS
   reporter = progress_lib.as_progress(progress, f"passkey {total_tokens:,} tokens")
@@ -100,8 +102,9 @@ def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_exampl
   read = sum(len(ex["prompt_ids"]) for ex in examples)
   rows_out = [{"depth": ex["depth"], "target": t, "prediction": p, "output": o, "correct": t == p}
               for ex, t, p, o in zip(examples, targets, predictions, outputs)]
-  return {"total_tokens": int(total_tokens), "filler_tokens": filler_tokens(vocabulary, total_tokens),
-          "n": len(examples), "exact_match": exact, "per_depth": _per_depth(rows_out),
+  return {"total_tokens": int(total_tokens), "format": fmt,
+          "filler_tokens": filler_tokens(vocabulary, total_tokens, fmt), "n": len(examples),
+          "exact_match": exact, "per_depth": _per_depth(rows_out),
           "predictions": rows_out, "chunk_size": int(chunk_size), "seconds": seconds,
           "tokens_per_second": read / seconds if seconds > 0 else 0.0}
 

@@ -15,6 +15,7 @@ import dataclasses
 import time
 from typing import Callable, Optional
 
+from famjax.data import passkey as passkey_data
 from famjax.evaluation import load as load_lib
 from famjax.evaluation import report
 from famjax.evaluation.lengths import format_length
@@ -28,6 +29,7 @@ class Settings:
   passkey_lengths: tuple[int, ...] = ()
   passkey_examples: int = 10
   passkey_seed: int = 0
+  passkey_format: str = "paper"
   tasks: tuple[str, ...] = ()
   split: str = "validation"
   task_examples: int = 0  # 0: all
@@ -39,6 +41,9 @@ class Settings:
   def __post_init__(self):
     if not self.passkey_lengths and not self.tasks:
       raise ValueError("nothing to evaluate: give --passkey_lengths and/or --tasks")
+    if self.passkey_format not in passkey_data.FORMATS:
+      raise ValueError(f"--passkey_format must be one of {', '.join(passkey_data.FORMATS)}, got "
+                       f"{self.passkey_format!r}")
     for name in ("passkey_examples", "max_new_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -93,7 +98,7 @@ def run(plan: Plan, out_dir, log: Callable[[str], None] = print) -> dict:
       label = f"{source.name} passkey {format_length(total)}"
       r = evaluate_passkey(model, vocab, total, n_examples=s.passkey_examples,
                            chunk_size=s.chunk_size or None, seed=s.passkey_seed,
-                           progress=Progress(label), bos_id=s.bos_id)
+                           progress=Progress(label), bos_id=s.bos_id, fmt=s.passkey_format)
       entry["passkey"].append(r)
       log(f"{label}: exact match {r['exact_match']:.0f}% of {r['n']} ({r['seconds']:.1f} s, "
           f"{r['tokens_per_second']:,.0f} tok/s)")

@@ -116,9 +116,13 @@ class FamTrainingConfig:
 
   rsp_prob: float = 0.0
   rpo: bool = False
+  # RSP only from this step on. 0, as the paper, which fine-tunes a pretrained model; a model trained
+  # from scratch did not learn with RSP from its first step (docs/passkey_small.md).
+  rsp_start_step: int = 0
 
   def __post_init__(self):
     _check(0 <= self.rsp_prob <= 1, "rsp_prob", "must be in [0, 1]", self.rsp_prob)
+    _check(self.rsp_start_step >= 0, "rsp_start_step", "must be >= 0", self.rsp_start_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,18 +196,30 @@ RESUMABLE_FIELDS = frozenset({
 
 
 def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
-  """Dotted names of the fields that differ between two JobConfig.to_dict()s and may not change."""
+  """Dotted names of the fields that differ between two JobConfig.to_dict()s and may not change.
+
+  A field the saved config lacks (a run from before the field existed) matches its default value."""
   out = []
   for key in sorted(set(saved) | set(current)):
     name = prefix + key
     if name in RESUMABLE_FIELDS:
       continue
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    a, b = saved.get(key, _default_of(name)), current.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
       out += incompatible_fields(a, b, name + ".")
     elif a != b:
       out.append(f"{name} ({a!r} -> {b!r})")
   return out
+
+
+def _default_of(name: str):
+  """The default of a typed field named `name` ("steps", "fam.rsp_prob"), else "<absent>"."""
+  section, _, field = name.rpartition(".")
+  cls = _SECTIONS.get(section) if section else TrainConfig
+  fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+  if field not in fields or fields[field].default is dataclasses.MISSING:
+    return "<absent>"
+  return json.loads(json.dumps(fields[field].default))
 
 
 # -- building and type checking ---------------------------------------------------------------------

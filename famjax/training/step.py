@@ -76,8 +76,8 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     k_rsp, k_rpo = jax.random.split(key)
     batch_size = batch["inputs"].shape[0]
-    use_saved = state.rsp_valid & jax.random.bernoulli(k_rsp, fam_cfg.rsp_prob) if use_rsp \
-        else jnp.zeros((), bool)
+    use_saved = (state.rsp_valid & (state.step >= fam_cfg.rsp_start_step)
+                 & jax.random.bernoulli(k_rsp, fam_cfg.rsp_prob)) if use_rsp else jnp.zeros((), bool)
     offset = random_position_offset(k_rpo, batch_size, model_cfg.rope_theta) if fam_cfg.rpo else None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (metrics, last_fam)), grads = grad_fn(state.trainable, state.frozen, batch, state.rsp_fam,
