@@ -143,13 +143,21 @@ def make_train_examples(filler_tokens: tuple[int, int], vocabulary, fmt: Passkey
   ratio = chars_per_token(vocabulary)
   low, high = (int(t * ratio) for t in filler_tokens)
 
+  def draw(rng: np.random.Generator) -> tuple[str, str]:
+    ex = make_example(rng, int(rng.integers(low, high + 1)), fmt=fmt)
+    return ex.prompt, ex.answer
+
+  return _endless(7, draw)
+
+
+def _endless(salt: int, draw):
+  """ExampleFn of an endless stream: example `i` is draw(rng of (seed, salt, split, i)), whatever the
+  sharding."""
   def make(split: str, seed: int, shard_index: int, num_shards: int, stats) -> Iterator[tuple[str, str]]:
     del stats
     index = shard_index
     while True:
-      rng = np.random.default_rng([seed, 7, zlib.crc32(split.encode()), index])
-      ex = make_example(rng, int(rng.integers(low, high + 1)), fmt=fmt)
-      yield ex.prompt, ex.answer
+      yield draw(np.random.default_rng([seed, salt, zlib.crc32(split.encode()), index]))
       index += num_shards
 
   return make
@@ -175,16 +183,11 @@ def make_digit_copy_examples(period: tuple[int, int], repeats: tuple[int, int]):
   times; the answer is the repetitions. Every answer token is a copy target, where PassKey gives one
   5-digit answer per example: a small model trained from scratch on PassKey alone stays at chance for
   thousands of steps, mixed with this it starts retrieving (`passkey_small`; docs/passkey_small.md)."""
-  def make(split: str, seed: int, shard_index: int, num_shards: int, stats) -> Iterator[tuple[str, str]]:
-    del stats
-    index = shard_index
-    while True:
-      rng = np.random.default_rng([seed, 9, zlib.crc32(split.encode()), index])
-      digits = "".join(map(str, rng.integers(0, 10, int(rng.integers(period[0], period[1] + 1)))))
-      yield digits, digits * int(rng.integers(repeats[0], repeats[1] + 1))
-      index += num_shards
+  def draw(rng: np.random.Generator) -> tuple[str, str]:
+    digits = "".join(map(str, rng.integers(0, 10, int(rng.integers(period[0], period[1] + 1)))))
+    return digits, digits * int(rng.integers(repeats[0], repeats[1] + 1))
 
-  return make
+  return _endless(9, draw)
 
 
 def postprocess(output: str, example=None, is_target: bool = False) -> str:
