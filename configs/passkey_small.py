@@ -1,23 +1,28 @@
 """The paper's PassKey experiment (spec §8) scaled down to 2 CPU cores: FAM and BSWA of the same size,
-trained the same number of steps on the same data, evaluated far beyond the training length.
+started from the same pretrained weights, trained the same number of steps on the same data, evaluated far
+beyond the training length.
 
-The paper fine-tunes a 1B model for 5k steps on filler of 2k-18k tokens (2 to 18 blocks of 1024), FAM 64
-with 0 memory segments, BSWA with 0 to 8, and evaluates to 260k tokens. Here, in bytes: block 32, FAM 8,
-filler 0-160 tokens (0 to 5 blocks) in the short PassKey format (famjax.data.passkey.SHORT), rows of 256
-tokens, a 2-layer d=64 model trained from scratch on the `passkey_small` mixture (PassKey + dense digit
-copying: PassKey alone leaves a model this small at chance for thousands of steps), and evaluation to
-16x the training row.
+The paper fine-tunes a pretrained 1B model for 5k steps on filler of 2k-18k tokens (2 to 18 blocks of
+1024), FAM 64 with 0 memory segments, BSWA with 0 to 8, and evaluates to 260k tokens. Here, in bytes: a
+2-layer d=64 decoder is first pretrained for 200 steps on dense digit copying (variant `pretrain`, full
+attention: the shared starting point); every variant starts from it (init_from) and trains 3000 steps on
+the `passkey_small` mixture: PassKey in the short format (famjax.data.passkey.SHORT), filler 0-160 tokens
+(0 to 5 blocks of 32), and short digit-copy examples, 3 to 1, packed in rows of 256 tokens. Block 32,
+FAM 8. Evaluation goes to 16x the training row.
 
-  python -m famjax.train --config=configs/passkey_small.py:fam --workdir=workdirs/passkey_small/fam
+  python -m famjax.train --config=configs/passkey_small.py:pretrain --workdir=workdirs/passkey_small/pretrain
+  python -m famjax.train --config=configs/passkey_small.py:fam --workdir=workdirs/passkey_small/fam \
+      --config.init_from=workdirs/passkey_small/pretrain
 
 Variants: fam (RSP p=0.8 from the first step, as the paper), fam_rsp_late (RSP from step 1500), fam_norsp
 (RSP off), bswa_m0, bswa_m1, bswa_m2 (0, 1, 2 memory segments).
-experiments/passkey_small.py runs them all and the evaluation.
+experiments/passkey_small.py runs the pretraining, all variants and the evaluation.
 """
 
 from configs import base
 
 VARIANTS = ("fam", "fam_rsp_late", "fam_norsp", "bswa_m0", "bswa_m1", "bswa_m2")
+PRETRAIN = "pretrain"
 
 
 def get_config(variant: str = "fam"):
@@ -56,7 +61,12 @@ def get_config(variant: str = "fam"):
   o.weight_decay = 0.01
   c.fam.rpo = False         # under exact relative angles RPO changes only rounding (spec §6)
 
-  if variant in ("fam", "fam_rsp_late", "fam_norsp"):
+  if variant == PRETRAIN:
+    c.steps = 200
+    d.mixture = "passkey_copy_small"
+    m.attention, m.fam_len = "full", 0
+    c.fam.rsp_prob = 0.0
+  elif variant in ("fam", "fam_rsp_late", "fam_norsp"):
     m.attention = "fam"
     c.fam.rsp_prob = 0.0 if variant == "fam_norsp" else 0.8
     c.fam.rsp_start_step = 1500 if variant == "fam_rsp_late" else 0

@@ -7,7 +7,10 @@ numpy (byte ids), optionally mixed with dense digit-copy batches, evaluated on t
 
 Rows of that table, in order: (no flags but --steps 1000), --pack 1 --lo 0 --hi 96, then with
 --pack 1 --lo 0 --hi 320 --copy_steps 200 --copy_every 4: (nothing more), --sched constant --lr 1e-3,
---sched constant --lr 3e-3, --fmt colon, and the command above. --rsp 0.8 adds RSP.
+--sched constant --lr 3e-3, --fmt colon, and the command above. --rsp 0.8 adds RSP (--rsp_start N: from
+step N). --save/--load pickle and restore parameters (the fine-tune rows: --load a model trained without
+RSP, then --rsp 0.8 --copy_steps 0 --sched constant --warm 0 --lr 3e-4 or 1e-3); --deadline S stops
+training after S seconds (experiments/passkey_gpu_sweep.sh runs many at once that way).
 """
 import argparse
 import pickle
@@ -49,6 +52,10 @@ p.add_argument("--pack", type=int, default=0)
 p.add_argument("--fmt", default="short")
 p.add_argument("--verbose", type=int, default=1)
 p.add_argument("--save", default="", help="pickle the final parameters here")
+p.add_argument("--load", default="", help="start from parameters pickled by --save (a FAM prompt is added)")
+p.add_argument("--rsp_start", type=int, default=0)
+p.add_argument("--deadline", type=float, default=0, help="stop training after this many seconds")
+p.add_argument("--seed", type=int, default=0)
 a = p.parse_args()
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 def make(rng, filler_chars, depth=None):
@@ -68,12 +75,21 @@ m.mlp_dim = 4 * a.d; m.attention = a.attention; m.block_size = a.block; m.mem_se
 m.fam_len = a.fam if a.attention == "fam" else 0; m.dtype = "float32"; m.remat = "none"
 c.data.mixture = "synthetic"
 o = c.optimizer; o.name = "adamw"; o.learning_rate = a.lr; o.schedule = a.sched; o.warmup_steps = a.warm; o.weight_decay = 0.01
-c.fam.rsp_prob = a.rsp; c.fam.rpo = False
+c.fam.rsp_prob = a.rsp; c.fam.rsp_start_step = a.rsp_start; c.fam.rpo = False; c.seed = a.seed
 job = job_config(c)
 tr = Trainer(job)
-state = tr.initial_state()
+if a.load:
+  from famjax.conversion.hf import initial_fam_prompt
+  loaded = pickle.load(open(a.load, "rb"))
+  if not job.model.has_fam:
+    loaded.pop("fam_prompt", None)
+  elif "fam_prompt" not in loaded:
+    loaded["fam_prompt"] = initial_fam_prompt(loaded["embed"], job.model.fam_len, job.model.embed_scale)
+  state = tr.initial_state(jax.tree.map(jnp.asarray, loaded))
+else:
+  state = tr.initial_state()
 def enc(s): return [b + 3 for b in s.encode()]
-rng = np.random.default_rng(0)
+rng = np.random.default_rng(a.seed)
 def batch():
   B, T = a.batch, a.seq
   x = np.zeros((B, T + 1), np.int32); w = np.zeros((B, T), np.float32); seg = np.zeros((B, T), np.int32)
@@ -126,9 +142,12 @@ for s in range(a.steps):
   use_copy = s < a.copy_steps or (a.copy_every and s % a.copy_every == 0)
   state, met = tr.step(state, tr.global_batch(copy_batch() if use_copy else batch()))
   losses.append(float(met["ce"])); accs_tr.append(float(met["accuracy"]))
-  if (s + 1) % a.eval_every == 0 or s + 1 == a.steps:
+  late = a.deadline and time.time() - t0 > a.deadline
+  if (s + 1) % a.eval_every == 0 or s + 1 == a.steps or late:
     params = state.params(job.lora)
     accs = {L: evaluate(params, L) for L in evl}
     print(f"step {s+1} ce {np.mean(losses[-50:]):.3f} tracc {np.mean(accs_tr[-50:]):.3f} {accs} t {time.time()-t0:.0f}s", flush=True)
+    if late:
+      break
 if a.save:
   pickle.dump(jax.tree.map(np.asarray, state.params(job.lora)), open(a.save, "wb"))

@@ -2,12 +2,15 @@
 
   python experiments/passkey_small.py --out=workdirs/passkey_small
 
-1. trains the variants of configs/passkey_small.py (FAM with Random State Passing from the first step,
-   from half-way, and without; BSWA with 0, 1 and 2 memory segments), all the same size, steps and data,
-   two jobs at a time;
-2. evaluates them on PassKey (short format) from the training row's length up to 16x it, on the
+1. pretrains one small decoder (full attention) on dense digit copying: the shared starting point, as
+   the paper starts every variant from the same pretrained model;
+2. trains the variants of configs/passkey_small.py from it (FAM with Random State Passing from the first
+   step, from half-way, and without; BSWA with 0, 1 and 2 memory segments), all the same size, steps and
+   data, two jobs at a time;
+3. evaluates them on PassKey (short format) from the training row's length up to 16x it, on the
    streaming path, in one `python -m famjax.eval` call: OUT/eval/results.{json,md} and OUT/eval/passkey.png
-   (one line per model).
+   (one line per model);
+4. measures the FAM models' state (experiments/fam_state.py): OUT/eval/fam_state.md.
 
 Every step is an ordinary famjax command (printed before it runs; its output goes to OUT/VARIANT/train.log)
 so each can be rerun or inspected alone. Run it again after a stop and it resumes: training jobs restart
@@ -26,13 +29,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from configs.passkey_small import PRETRAIN, VARIANTS  # noqa: E402  (ml_collections only)
+
 CONFIG = "configs/passkey_small.py"
-VARIANTS = ("fam", "fam_rsp_late", "fam_norsp", "bswa_m0", "bswa_m1", "bswa_m2")
 LENGTHS = "256,512,1k,2k,4k"  # the training row (256 tokens) up to 16x it
 
 
 def train_command(variant: str, out: Path, steps: int | None) -> list[str]:
   cmd = [sys.executable, "-m", "famjax.train", f"--config={CONFIG}:{variant}", f"--workdir={out / variant}"]
+  if variant != PRETRAIN:
+    cmd.append(f"--config.init_from={out / PRETRAIN}")
   return cmd + ([f"--config.steps={steps}"] if steps is not None else [])
 
 
@@ -40,6 +47,12 @@ def eval_command(out: Path, variants, lengths: str, examples: int) -> list[str]:
   return [sys.executable, "-m", "famjax.eval", *(f"--model={v}={out / v}" for v in variants),
           f"--passkey_lengths={lengths}", f"--passkey_examples={examples}", "--passkey_format=short",
           f"--out_dir={out / 'eval'}"]
+
+
+def fam_state_command(out: Path, variants, examples: int) -> list[str]:
+  return [sys.executable, str(ROOT / "experiments" / "fam_state.py"),
+          *(f"--model={v}={out / v}" for v in variants), f"--examples={examples}",
+          f"--out={out / 'eval' / 'fam_state.md'}"]
 
 
 def run_parallel(commands: dict[str, list[str]], logs: dict[str, Path], jobs: int) -> dict[str, float]:
@@ -76,6 +89,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="workdirs/passkey_small", help="where the runs and results go")
   parser.add_argument("--steps", type=int, default=None, help="training steps per model (the config's)")
+  parser.add_argument("--pretrain_steps", type=int, default=None, help="steps of the shared pretraining")
   parser.add_argument("--variants", default=",".join(VARIANTS), help="variants to train and evaluate")
   parser.add_argument("--lengths", default=LENGTHS, help="PassKey lengths to evaluate (tokens)")
   parser.add_argument("--examples", type=int, default=16, help="PassKey examples per length")
@@ -93,10 +107,16 @@ def main(argv=None) -> int:
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   t0 = time.perf_counter()
   try:
-    seconds = run_parallel({v: train_command(v, out, args.steps) for v in variants},
-                           {v: out / v / "train.log" for v in variants}, args.jobs)
+    seconds = run_parallel({PRETRAIN: train_command(PRETRAIN, out, args.pretrain_steps)},
+                           {PRETRAIN: out / PRETRAIN / "train.log"}, 1)
+    seconds.update(run_parallel({v: train_command(v, out, args.steps) for v in variants},
+                                {v: out / v / "train.log" for v in variants}, args.jobs))
     seconds["eval"] = run_parallel({"eval": eval_command(out, variants, args.lengths, args.examples)},
                                    {"eval": out / "eval" / "eval.log"}, 1)["eval"]
+    fam_variants = [v for v in variants if v.startswith("fam")]
+    if fam_variants:
+      seconds["fam_state"] = run_parallel({"fam_state": fam_state_command(out, fam_variants, args.examples)},
+                                          {"fam_state": out / "eval" / "fam_state.log"}, 1)["fam_state"]
   except RuntimeError as e:
     print(f"passkey_small: {e}", file=sys.stderr)
     return 1

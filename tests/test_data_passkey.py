@@ -101,12 +101,17 @@ def test_small_training_task_uses_the_short_format():
   assert len(ex["inputs"]) <= 160 + 34  # filler + needle + question (bytes)
 
 
-def test_digit_copy_task_repeats_its_digits():
-  cfg = data.DataConfig(mixture="passkey_copy_small", seq_len=512, repeat_segment_len=0)
-  for ex, _ in zip(data.get_examples(cfg, split="train"), range(20)):
+@pytest.mark.parametrize("task", sorted(passkey.COPY_TASKS))
+def test_digit_copy_task_repeats_its_digits(task):
+  (low, high), (fewest, most) = passkey.COPY_TASKS[task]
+  cfg = data.DataConfig(mixture=task, seq_len=512, repeat_segment_len=0)
+  repeats = set()
+  for ex, _ in zip(data.get_examples(cfg, split="train"), range(40)):
     digits, answer = ex["inputs_pretokenized"], ex["targets_pretokenized"]
-    assert digits.isdigit() and 8 <= len(digits) <= 16
-    assert answer == digits * (len(answer) // len(digits)) and 12 <= len(answer) // len(digits) <= 24
+    assert digits.isdigit() and low <= len(digits) <= high
+    assert answer == digits * (len(answer) // len(digits))
+    repeats.add(len(answer) // len(digits))
+  assert min(repeats) >= fewest and max(repeats) <= most and len(repeats) > 1
 
 
 def test_exact_match_metric_reads_the_key_from_generated_text():

@@ -63,9 +63,13 @@ TRAIN_TASKS = {  # name: (filler tokens, format)
     "passkey_train": (TRAIN_FILLER_TOKENS, PAPER),
     "passkey_train_small": ((0, 160), SHORT),  # 0 to 5 blocks of 32
 }
-# The small-scale experiment's mixture: PassKey and dense digit copying, 3 examples to 1.
-COPY_TASK = ("passkey_copy_small", (8, 16), (12, 24))  # name, period (digits), repeats
-SMALL_MIXTURE = ("passkey_small", (("passkey_train_small", 3.0), ("passkey_copy_small", 1.0)))
+# The small-scale experiment's digit copying: long rows of it to pretrain on, short examples to mix with
+# PassKey (3 examples to 1) so that the copied digits do not outweigh the keys in the loss.
+COPY_TASKS = {  # name: (period in digits, repeats)
+    "passkey_copy_small": ((8, 16), (12, 24)),
+    "passkey_copy_short_small": ((8, 16), (1, 3)),
+}
+SMALL_MIXTURE = ("passkey_small", (("passkey_train_small", 3.0), ("passkey_copy_short_small", 1.0)))
 
 
 def get_format(name: str) -> PasskeyFormat:
