@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,18 +53,10 @@ def near_key_exact_match(model, vocabulary, fmt, total_tokens: int, n_examples: 
   depth = max(0.0, 1.0 - NEAR_CHARS / filler)
   examples = [passkey_data.make_example(np.random.default_rng([6, total_tokens, i]), filler, depth=depth,
                                         fmt=fmt) for i in range(n_examples)]
-  lengths = {len(vocabulary.encode(ex.prompt)) for ex in examples}
-  outputs = []
-  for length in sorted(lengths):  # one batch per prompt length (keys differ, lengths rarely do)
-    batch = [ex for ex in examples if len(vocabulary.encode(ex.prompt)) == length]
-    tokens = np.stack([stream.with_bos(vocabulary.encode(ex.prompt)) for ex in batch])
-    last, state = stream.read_prompt(model, tokens, 4 * model.config.block_size)
-    generated = stream.greedy_continue(model, state, last, passkey_data.KEY_DIGITS + 2,
-                                       stop_ids=(vocabulary.eos_id,))
-    outputs += [(ex.answer, vocabulary.decode(stream.cut_at_stop(ids, (vocabulary.eos_id,))))
-                for ex, ids in zip(batch, generated)]
-  return passkey.score([a for a, _ in outputs], [o for _, o in outputs])[2]
-
+  rows = [{"prompt_ids": np.asarray(vocabulary.encode(ex.prompt), np.int32)} for ex in examples]
+  outputs = passkey.answer(model, vocabulary, rows, 4 * model.config.block_size,
+                           passkey_data.KEY_DIGITS + passkey.EXTRA_TOKENS)
+  return passkey.score([ex.answer for ex in examples], outputs)[2]
 
 def report(name: str, rms: dict[int, list[float]], near: dict[int, float]) -> str:
   layers = len(next(iter(rms.values())))

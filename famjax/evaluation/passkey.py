@@ -80,20 +80,12 @@ def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_exampl
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   t0 = time.perf_counter()
   examples = passkey_examples(vocabulary, total_tokens, n_examples, seed, fmt)
-  eos = vocabulary.eos_id
   new_tokens = max(len(vocabulary.encode(ex["answer"])) for ex in examples) + EXTRA_TOKENS
   reporter = progress_lib.as_progress(progress, f"passkey {total_tokens:,} tokens")
   if reporter is not None:
     reporter.start(sum(len(ex["prompt_ids"]) + (bos_id is not None) for ex in examples))
 
-  outputs: list[Optional[str]] = [None] * len(examples)
-  rows = stream.rows_per_call(chunk_size, model.config.vocab_size)
-  for batch in _batches_of_equal_length(examples, rows):
-    tokens = np.stack([stream.with_bos(examples[i]["prompt_ids"], bos_id) for i in batch])
-    last, state = stream.read_prompt(model, tokens, chunk_size, reporter)
-    generated = stream.greedy_continue(model, state, last, new_tokens, stop_ids=(eos,))
-    for i, ids in zip(batch, generated):
-      outputs[i] = vocabulary.decode(stream.cut_at_stop(ids, (eos,)))
+  outputs = answer(model, vocabulary, examples, chunk_size, new_tokens, bos_id, reporter)
   if reporter is not None:
     reporter.finish()
 
@@ -107,6 +99,22 @@ def evaluate_passkey(model: Transformer, vocabulary, total_tokens: int, n_exampl
           "exact_match": exact, "per_depth": _per_depth(rows_out),
           "predictions": rows_out, "chunk_size": int(chunk_size), "seconds": seconds,
           "tokens_per_second": read / seconds if seconds > 0 else 0.0}
+
+
+def answer(model: Transformer, vocabulary, examples: list[dict], chunk_size: int, new_tokens: int,
+           bos_id: Optional[int] = stream.BOS_ID, progress=None) -> list[str]:
+  """The decoded greedy continuation (up to `new_tokens`, cut at EOS) of every example's `prompt_ids`,
+  read on the streaming path in chunks of `chunk_size`, examples of equal length batched together."""
+  eos = vocabulary.eos_id
+  outputs: list[Optional[str]] = [None] * len(examples)
+  rows = stream.rows_per_call(chunk_size, model.config.vocab_size)
+  for batch in _batches_of_equal_length(examples, rows):
+    tokens = np.stack([stream.with_bos(examples[i]["prompt_ids"], bos_id) for i in batch])
+    last, state = stream.read_prompt(model, tokens, chunk_size, progress)
+    generated = stream.greedy_continue(model, state, last, new_tokens, stop_ids=(eos,))
+    for i, ids in zip(batch, generated):
+      outputs[i] = vocabulary.decode(stream.cut_at_stop(ids, (eos,)))
+  return outputs
 
 
 def _batches_of_equal_length(examples: list[dict], max_rows: int) -> list[list[int]]:
