@@ -44,7 +44,7 @@ def get_config() -> config_dict.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype; master weights stay in param_dtype
   m.param_dtype = "float32"
   m.remat = "full"            # activation checkpointing of the layer scan: none|full|dots|...
-  m.init_std = 0.02
+  m.init_std = config_dict.placeholder(float)  # None: d_model ** -0.5 (fan-in; 0.0255 at 1536)
 
   # -- the data (famjax.data.DataConfig; see famjax/data/config.py and docs/data.md) -----------------
   # seq_len and seed come from the top level. mixture="synthetic" uses famjax.training.synthetic
@@ -53,7 +53,8 @@ def get_config() -> config_dict.ConfigDict:
   d.mixture = "famjax_demo"   # a seqio mixture/task name (famjax.data.mixture_names()), or "synthetic"
   d.vocabulary = "byte"       # "byte" or the path of a SentencePiece .model
   d.pack = True               # pack several examples per sequence
-  d.mask_between_examples = False  # the paper does not mask; famjax.model cannot yet (refused if True)
+  d.mask_between_examples = False  # the paper does not mask; with FAM each example restarts the FAM
+  d.pack_align = 1            # packed examples start at multiples of this (fam + masks: block_size)
   d.repeat_segment_len = 0    # tokens of the "[repeat random segment]:" augmentation (paper: 256)
   d.repeat_segment_weight = 0.1
   d.repeat_segment_marker = "[repeat random segment]:"

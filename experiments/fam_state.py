@@ -1,10 +1,11 @@
-"""Why a small FAM model trained on short rows fails on long ones: two measurements on trained workdirs.
+"""What the FAM state does over long texts: two measurements on trained FAM workdirs.
 
-  python experiments/fam_state.py --model=fam_norsp=workdirs/passkey_small/fam_norsp --out=fam_state.md
+  python experiments/fam_state.py --model=fam=workdirs/passkey_small/fam --format=repeated --out=fam_state.md
 
 1. The size of the FAM state (spec §3: `F_new = AF + MLP(RMSNorm(AF))`, `AF = F_prev + Attn(...)`, nothing
-   rescales it) after 1, 8, 32, 128 blocks of PassKey text: its RMS over the model width, per layer.
-2. PassKey exact match with the key always close to the question (2-3 blocks before it, well within what
+   rescales it) after 1, 8, 32, 128 blocks of PassKey text (key at the start): its RMS over the model
+   width, per layer. On repeated filler every block adds about the same update.
+2. PassKey exact match with the key always close to the question (2 blocks before it, well within what
    the model retrieves at the training length) at growing total lengths. If it falls as the text grows,
    what fails is the long history the FAM has absorbed before the key, not the key's distance.
 
@@ -27,7 +28,8 @@ from famjax.evaluation import load as load_lib, passkey, stream  # noqa: E402
 
 BLOCKS = (1, 8, 32, 128)
 LENGTHS = (256, 1024, 4096)
-NEAR_CHARS = 64  # filler between the key sentence and the question: 2 blocks of 32 bytes (+ < 1 sentence)
+NEAR_CHARS = 64  # filler between the key and the question: 2 blocks of 32 bytes (+ < 1 sentence in
+#                  the sentence formats)
 
 
 def state_rms(model, vocabulary, fmt, n_examples: int) -> dict[int, list[float]]:
@@ -73,7 +75,7 @@ def report(name: str, rms: dict[int, list[float]], near: dict[int, float]) -> st
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", action="append", required=True, help="NAME=WORKDIR (a FAM model); repeat")
-  parser.add_argument("--format", default="short", help="the PassKey text format the models learned")
+  parser.add_argument("--format", default="random", help="the PassKey text format (famjax.data.passkey)")
   parser.add_argument("--examples", type=int, default=16)
   parser.add_argument("--out", default="", help="also write the markdown here")
   args = parser.parse_args(argv)

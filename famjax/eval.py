@@ -31,8 +31,9 @@ _EXAMPLES = flags.DEFINE_integer("passkey_examples", 10, "PassKey examples per l
                                  "evenly from 0 to 1)")
 _SEED = flags.DEFINE_integer("passkey_seed", 0, "seed of the PassKey examples (the data seed of the "
                              "passkey_* tasks)")
-_FORMAT = flags.DEFINE_enum("passkey_format", "paper", ["paper", "short"], "PassKey text: the paper's, or "
-                             "the short one of the small-scale experiment (famjax.data.passkey)")
+_FORMAT = flags.DEFINE_enum("passkey_format", "paper", ["paper", "short", "random", "repeated"],
+                            "PassKey text: the paper's, the short one, or the token-level ones of the "
+                            "small-scale experiment (random or repeated filler; famjax.data.passkey)")
 _TASKS = flags.DEFINE_list("tasks", [], "seqio tasks to evaluate: scrolls_qasper, scrolls_quality, "
                            "scrolls_narrative_qa, xlsum, pg19 (or any famjax task or mixture)")
 _SPLIT = flags.DEFINE_string("split", "validation", "the tasks' split")

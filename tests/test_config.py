@@ -52,3 +52,13 @@ def test_mode_properties():
   assert not ModelConfig(attention="fam", fam_len=0).has_fam
   assert not ModelConfig(attention="bswa").has_fam
   assert not ModelConfig(attention="full").uses_blocks
+
+
+def test_init_std_defaults_to_the_width_fan_in_scale():
+  assert ModelConfig(d_model=64).init_std == 0.125
+  assert ModelConfig(d_model=1536, n_heads=12).init_std == pytest.approx(1536 ** -0.5)
+  assert ModelConfig(init_std=0.02).init_std == 0.02  # an explicit value (and old saved configs) wins
+  assert ModelConfig(d_model=64) == ModelConfig(d_model=64, init_std=0.125)  # resolved, so hashable/equal
+  for bad in (0.0, -1.0, "0.1", True):
+    with pytest.raises(ValueError, match="init_std"):
+      ModelConfig(init_std=bad)

@@ -168,3 +168,21 @@ def test_other_seeds_give_other_batches():
   cfg = data.DataConfig(mixture="famjax_demo_short", seq_len=256, repeat_segment_len=16, prefetch=0)
   with data.get_batches(cfg, 2, seed=1) as a, data.get_batches(cfg, 2, seed=2) as b:
     assert not np.array_equal(next(a)["targets"], next(b)["targets"])
+
+
+def test_packing_aligns_examples_to_blocks():
+  """pack_align: every example starts at a multiple of it; the gaps are padding (segment 0, weight 0)."""
+  spec = packing.PackingSpec(seq_len=32, align=8)
+  packer = packing.Packer(spec, np.random.default_rng(0))
+  rows = []
+  for n in (5, 8, 3, 10, 9):
+    rows += packer.add(np.arange(100, 100 + n, dtype=np.int32), 2, "t")
+  rows += packer.flush()
+  assert [[idx[0] for _, idx in segments(r)] for r in rows] == [[0, 8, 16], [0, 16]]
+  assert [[len(idx) for _, idx in segments(r)] for r in rows] == [[5, 8, 3], [10, 9]]
+  first = rows[0]
+  assert np.all(first["segment_ids"][5:8] == 0) and np.all(first["weights"][5:8] == 0)
+  assert first["inputs"][8] == 0 and first["inputs"][9] == 100  # BOS at every example's start
+  assert packer.counts["tokens"] == 5 + 8 + 3 + 10 + 9
+  with pytest.raises(ValueError, match="pack_align"):
+    data.DataConfig(seq_len=100, pack_align=32, repeat_segment_len=0)

@@ -94,26 +94,6 @@ def test_short_format_eval_examples_have_the_asked_length():
     passkey.get_format("long")
 
 
-def test_small_training_task_uses_the_short_format():
-  cfg = data.DataConfig(mixture="passkey_train_small", seq_len=512, repeat_segment_len=0)
-  ex = next(iter(data.get_examples(cfg, split="train")))
-  assert ex["inputs_pretokenized"].endswith("\nThe pass key:")
-  assert len(ex["inputs"]) <= 160 + 34  # filler + needle + question (bytes)
-
-
-@pytest.mark.parametrize("task", sorted(passkey.COPY_TASKS))
-def test_digit_copy_task_repeats_its_digits(task):
-  (low, high), (fewest, most) = passkey.COPY_TASKS[task]
-  cfg = data.DataConfig(mixture=task, seq_len=512, repeat_segment_len=0)
-  repeats = set()
-  for ex, _ in zip(data.get_examples(cfg, split="train"), range(40)):
-    digits, answer = ex["inputs_pretokenized"], ex["targets_pretokenized"]
-    assert digits.isdigit() and low <= len(digits) <= high
-    assert answer == digits * (len(answer) // len(digits))
-    repeats.add(len(answer) // len(digits))
-  assert min(repeats) >= fewest and max(repeats) <= most and len(repeats) > 1
-
-
 def test_exact_match_metric_reads_the_key_from_generated_text():
   targets = [passkey.postprocess(" 12345"), passkey.postprocess(" 55555")]
   predictions = [passkey.postprocess(" 12345. Remember it."), passkey.postprocess(" 5555")]
@@ -148,3 +128,49 @@ def _solve(task, prompt):
   if task == "passkey":
     return passkey.postprocess(prompt[len(passkey.INTRO):])
   raise AssertionError(task)
+
+
+@pytest.mark.parametrize("fmt", [passkey.RANDOM, passkey.REPEATED])
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_token_level_formats_put_the_key_once_at_the_exact_depth(fmt, depth):
+  ex = passkey.make_example(np.random.default_rng(3), 400, depth=depth, fmt=fmt)
+  key = str(ex.key)
+  filler = ex.prompt.replace(f"#{key}", "")[:-1]
+  assert ex.prompt.count("#") == 1 and ex.prompt.endswith("?") and ex.prompt.count("?") == 1
+  assert ex.prompt[ex.key_offset:ex.key_offset + 5] == key == ex.answer
+  assert ex.key_offset - 1 == round(depth * 400)  # no sentence boundary to move to
+  assert len(filler) == 400 and set(filler) <= set(passkey.FILLER_ALPHABET)
+
+
+def test_random_filler_is_new_in_every_block_and_repeated_filler_is_periodic():
+  rng = np.random.default_rng(0)
+  random = passkey.make_example(rng, 4000, depth=1.0, fmt=passkey.RANDOM).prompt[:4000]
+  repeated = passkey.make_example(rng, 4000, depth=1.0, fmt=passkey.REPEATED).prompt[:4000]
+  period = len(passkey.REPEATED_PHRASE)
+  assert repeated[period:] == repeated[:-period] and repeated[:period] in passkey.REPEATED_PHRASE * 2
+  assert len({random[i:i + 32] for i in range(0, 4000, 32)}) == 125
+  counts = np.bincount(np.frombuffer(random.encode(), np.uint8))[np.frombuffer(
+      passkey.FILLER_ALPHABET.encode(), np.uint8)]
+  assert counts.min() > 40 and counts.max() < 130  # uniform over 50 letters: 80 each on average
+
+
+@pytest.mark.parametrize("fmt", [passkey.RANDOM, passkey.REPEATED])
+def test_token_level_eval_examples_have_the_asked_length(fmt):
+  vocab = data.get_vocabulary("byte")
+  for total in (512, 8192):
+    pairs = list(passkey.make_eval_examples(total, vocab, n_examples=4, fmt=fmt)("validation", 0, 0, 1, None))
+    assert [len(vocab.encode(p)) + len(vocab.encode(a)) + 1 for p, a in pairs] == [total] * 4
+
+
+@pytest.mark.parametrize("task", sorted(passkey.TRAIN_TOTAL_TASKS))
+def test_total_length_training_tasks_draw_their_lengths_from_the_set(task):
+  totals, fmt = passkey.TRAIN_TOTAL_TASKS[task]
+  cfg = data.DataConfig(mixture=task, seq_len=max(totals), repeat_segment_len=0)
+  lengths, depths = set(), []
+  for ex, _ in zip(data.get_examples(cfg, split="train"), range(200)):
+    prompt, answer = ex["inputs_pretokenized"], ex["targets_pretokenized"]
+    assert prompt.endswith(fmt.question) and prompt[prompt.index("#") + 1:][:5] == answer
+    lengths.add(len(ex["inputs"]) + len(ex["targets"]))  # the targets end with EOS
+    depths.append(prompt.index("#") / (len(prompt) - 7))
+  assert lengths == set(totals)
+  assert 0.4 < np.mean(depths) < 0.6 and min(depths) < 0.05 and max(depths) > 0.95

@@ -24,7 +24,7 @@ def workdir(tmp_path_factory):
   """A famjax run of 2 steps: a FAM model over the byte vocabulary's 259 ids."""
   path = tmp_path_factory.mktemp("eval_cli") / "run"
   proc = run("famjax.train", *TINY, "--config.model.vocab_size=259", "--config.steps=2",
-             "--config.log_every=1", f"--workdir={path}")
+             "--config.log_every=1", "--config.checkpoint_every=1", f"--workdir={path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return path
 
@@ -58,6 +58,17 @@ def test_two_models_in_one_call(workdir, hf_dir, tmp_path):
   assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG"
   assert "run passkey 512: 506 tokens in" in proc.stderr  # the progress line's last report
   assert "run passkey 256: exact match" in proc.stdout
+
+
+def test_one_checkpoint_of_a_workdir(workdir, tmp_path):
+  proc = run("famjax.eval", f"--model=first={workdir / 'checkpoints' / '1'}", f"--model=last={workdir}",
+             "--passkey_lengths=256", "--passkey_examples=1", f"--out_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  models = json.loads((tmp_path / "results.json").read_text())["models"]
+  assert (models["first"]["info"]["step"], models["last"]["info"]["step"]) == (1, 2)
+  proc = run("famjax.eval", f"--model=x={workdir / 'checkpoints' / '7'}", "--passkey_lengths=256",
+             f"--out_dir={tmp_path / 'none'}")
+  assert proc.returncode == 2 and "no such directory" in proc.stderr
 
 
 @pytest.mark.parametrize("case", ["missing_workdir", "no_checkpoint", "bad_length", "missing_dataset"])

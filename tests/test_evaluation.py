@@ -175,17 +175,24 @@ def test_length_specs():
 
 
 def test_reports(tmp_path):
-  def pk(total, filler, exact):
-    return {"total_tokens": total, "filler_tokens": filler, "exact_match": exact}
+  def pk(total, filler, exact, per_depth=()):
+    return {"total_tokens": total, "filler_tokens": filler, "exact_match": exact,
+            "per_depth": [{"depth": d, "n": 1, "exact_match": e} for d, e in per_depth]}
   results = {"settings": {"passkey_examples": 10}, "models": {
       "fam": {"info": {"kind": "famjax workdir", "path": "/w/fam", "step": 5, "model": {}},
-              "passkey": [pk(2048, 1802, 100.0), pk(4096, 3850, 90.0)],
+              "passkey": [pk(2048, 1802, 100.0), pk(4096, 3850, 90.0, [(0.0, 0.0), (0.2, 100.0),
+                                                                         (0.5, 100.0), (1.0, 100.0)])],
               "tasks": {"xlsum": {"n": 3, "metrics": {"rougeL": 12.345}}}},
       "bswa": {"info": {"kind": "Hugging Face directory", "path": "/h", "model": {}},
-               "passkey": [pk(2048, 1802, 100.0 / 3)], "tasks": {}}}}
+               "passkey": [pk(2048, 1802, 100.0 / 3, [(0.0, 0.0), (0.5, 0.0), (1.0, 100.0)])],
+               "tasks": {}}}}
   assert report.passkey_table(results).splitlines() == [
       "| tokens | filler tokens | fam | bswa |", "|---|---:|---:|---:|",
       "| 2k | 1,802 | 100 | 33.3 |", "| 4k | 3,850 | 90 | - |"]
+  assert report.passkey_depth_table(results).splitlines() == [
+      "| key depth (2k, 4k tokens) | fam | bswa |", "|---|---:|---:|",
+      "| 0.00-0.25 | 50 (2) | 0 (1) |", "| 0.25-0.50 | - | - |", "| 0.50-0.75 | 100 (1) | 0 (1) |",
+      "| 0.75-1.00 | 100 (1) | 100 (1) |"]
   assert report.tasks_table(results).splitlines()[2] == "| xlsum | rougeL | 3 | 12.3 |"
   written = report.write_all(results, tmp_path / "out")
   assert [p.name for p in written] == ["results.json", "results.md", "passkey.png"]

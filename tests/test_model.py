@@ -224,7 +224,33 @@ def test_segment_ids_isolate_packed_examples(attention, mem):
   assert np.abs(unmasked[:, 7:] - out[:, 7:]).max() > 1e-4  # without ids, b reads a
 
 
-def test_segment_ids_refused_with_fam():
+@pytest.mark.parametrize("mem", [0, 1])
+def test_segment_ids_restart_the_fam_for_every_example(mem):
+  """[famjax] With segment ids, a packed example that starts at a block boundary computes exactly what it
+  computes alone (each from the row's initial FAM: the prompt's, or a passed RSP state), and trailing
+  padding keeps the last example's FAM."""
+  model, _ = build(tiny(attention="fam", block_size=4, mem_segments=mem, fam_len=2))
+  a, b = tokens(2, 8, seed=5), tokens(2, 12, seed=6)
+  packed = jnp.asarray(np.concatenate([a, b, np.zeros((2, 4), int)], axis=1))
+  seg = jnp.asarray(np.array([[1] * 8 + [2] * 12 + [0] * 4] * 2))
+  passed = FamState(values=jnp.asarray(np.random.RandomState(9).normal(size=(2, 2, 2, 32)), jnp.float32),
+                    from_prompt=jnp.zeros((2,), bool))
+  for state in (None, passed):
+    out, final = model(packed, segment_ids=seg, token_mask=seg > 0, fam_state=state, return_fam_state=True)
+    alone_b, final_b = model(b, fam_state=state, return_fam_state=True)
+    np.testing.assert_allclose(out[:, :8], model(a, fam_state=state), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(out[:, 8:20], alone_b, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(final.values, final_b.values, rtol=2e-5, atol=2e-5)
+  unmasked = np.asarray(model(packed, token_mask=seg > 0))
+  assert np.abs(unmasked[:, 8:20] - np.asarray(out[:, 8:20])).max() > 1e-4  # without ids, b reads a
+
+
+def test_segment_ids_with_fam_never_leak_across_unaligned_examples():
+  """An example that starts inside a block reads no FAM there; nothing of the one before reaches it."""
   model, _ = build(tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2))
-  with pytest.raises(ValueError, match="segment_ids"):
-    model(tokens(1, 8), segment_ids=jnp.ones((1, 8), jnp.int32))
+  b = tokens(1, 13, seed=6)
+  seg = jnp.asarray(np.array([[1] * 7 + [2] * 13]))
+  outs = [np.asarray(model(jnp.asarray(np.concatenate([tokens(1, 7, seed=s), b], axis=1)), segment_ids=seg))
+          for s in (5, 7)]
+  np.testing.assert_allclose(outs[0][:, 7:], outs[1][:, 7:], rtol=1e-6, atol=1e-6)
+  assert np.abs(outs[0][:, :7] - outs[1][:, :7]).max() > 1e-3

@@ -74,12 +74,14 @@ def test_unknown_keys_name_the_field():
       build(config)
 
 
-def test_masking_between_examples_needs_bswa_or_full():
+def test_masking_between_examples_with_fam_needs_block_aligned_packing():
   config = base.get_config().to_dict()
   config["data"]["mask_between_examples"] = True
-  with pytest.raises(ConfigError, match=r"config\.data\.mask_between_examples"):
+  with pytest.raises(ConfigError, match=r"config\.data\.pack_align=1 must be a multiple of model\.block_size"):
     build(config)
-  config["model"]["attention"] = "bswa"
+  config["data"]["pack_align"] = 2 * config["model"]["block_size"]
+  assert build(config).data["mask_between_examples"]
+  config["data"]["pack_align"], config["model"]["attention"] = 1, "bswa"
   assert build(config).data["mask_between_examples"]
 
 

@@ -31,8 +31,11 @@ class DataConfig:
     seq_len: length of every row handed to the trainer (8704 = 8.5k, the paper's packing length).
     pack: put several examples in one row (greedily, in stream order); False gives one example per row.
     mask_between_examples: tell the trainer to mask attention at example boundaries. The paper does not
-      (False). With True the repeated segment is copied from the row's last example only, because only
+      (False). With FAM every example then starts from the initial FAM (famjax.model.fam.fam_restarts):
+      set `pack_align` to the block size so that this is exact. With True the repeated segment is copied from the row's last example only, because only
       that example is visible to it.
+    pack_align: every packed example starts at a multiple of this many tokens (1: right after the
+      previous one); the gap is padding.
     repeat_segment_len: tokens of the "[repeat random segment]:" augmentation appended to each training
       row (spec §7); 0 turns it off. Only the "train" split gets it.
     repeat_segment_weight: loss weight of the repeated tokens (0.1 in the paper).
@@ -61,6 +64,7 @@ class DataConfig:
   seq_len: int = 8704
   pack: bool = True
   mask_between_examples: bool = False
+  pack_align: int = 1
   repeat_segment_len: int = 256
   repeat_segment_weight: float = 0.1
   repeat_segment_marker: str = "[repeat random segment]:"
@@ -83,6 +87,9 @@ class DataConfig:
     _check_int(self, "seq_len", low=16)
     _check_bool(self, "pack")
     _check_bool(self, "mask_between_examples")
+    _check_int(self, "pack_align", low=1)
+    if self.seq_len % self.pack_align:
+      _fail("pack_align", f"{self.pack_align} must divide seq_len={self.seq_len}")
     _check_int(self, "repeat_segment_len", low=0)
     _check_float(self, "repeat_segment_weight", low=0.0)
     _check_str(self, "repeat_segment_marker", allow_empty=True)

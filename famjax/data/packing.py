@@ -12,6 +12,10 @@ values, so it would cut every weight-0 token, it casts everything to int32, and 
 examples per call (8704 x 8704 ids at the paper's length). Here weights are carried next to the tokens
 and the code is a few lines that tests can check directly.
 
+With `align` > 1 every example of a row starts at a multiple of `align` (padding between examples):
+with align = the model's block size, a FAM model under boundary masks computes every packed example
+exactly as if it were alone (famjax.model.fam.fam_restarts).
+
 Segment ids number the examples of a row from 1. The repeated segment carries the id of the row's last
 example: under boundary masks (mask_between_examples) it may only see that example, so it is copied
 from it; without masks (the paper) it is copied from anywhere in the row. Decoder inputs are the
@@ -40,6 +44,7 @@ class PackingSpec:
   marker: tuple[int, ...] = ()
   instruction_weight: float = 0.0
   too_long: str = "truncate"
+  align: int = 1
 
   @property
   def budget(self) -> int:
@@ -97,10 +102,12 @@ class Packer:
     if not len(tokens):
       return []
     rows = []
-    if self._parts and (not self.spec.pack or self._used + len(tokens) > self._budget):
+    start = -(-self._used // self.spec.align) * self.spec.align
+    if self._parts and (not self.spec.pack or start + len(tokens) > self._budget):
       rows.append(self._finish())
-    self._parts.append((tokens, weights))
-    self._used += len(tokens)
+      start = 0
+    self._parts.append((tokens, weights, start))
+    self._used = start + len(tokens)
     self.counts["examples"] += 1
     return rows
 
@@ -114,16 +121,15 @@ class Packer:
     weights = np.zeros(L, np.float32)
     segment_ids = np.zeros(L, np.int32)
     pos = last_start = 0
-    for segment, (t, w) in enumerate(self._parts, start=1):
-      last_start = pos
-      targets[pos:pos + len(t)], weights[pos:pos + len(t)] = t, w
-      segment_ids[pos:pos + len(t)] = segment
-      pos += len(t)
+    for segment, (t, w, start) in enumerate(self._parts, start=1):
+      last_start, pos = start, start + len(t)
+      targets[start:pos], weights[start:pos] = t, w
+      segment_ids[start:pos] = segment
+    self.counts["tokens"] += sum(len(t) for t, _, _ in self._parts)
     if self._repeat:
       pos = self._append_repeat(targets, weights, segment_ids, pos, last_start)
     self._parts, self._used = [], 0
     self.counts["rows"] += 1
-    self.counts["tokens"] += pos
     return {"inputs": shift_right(targets, segment_ids), "targets": targets, "weights": weights,
             "segment_ids": segment_ids}
 
@@ -142,6 +148,7 @@ class Packer:
       segment_ids[pos:pos + len(piece)] = segment
       pos += len(piece)
     self.counts["repeat_tokens"] += n
+    self.counts["tokens"] += len(marker) + n
     return pos
 
 

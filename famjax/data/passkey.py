@@ -5,15 +5,15 @@ key sentence at a chosen depth of the filler, more filler, then the question. Th
 
 - make_example: one example, deterministic for an rng (or seed), with the key at `depth` (0 = just after
   the instruction, 1 = just before the question) or at a random depth.
-- Training tasks draw the filler length from a range: `passkey_train` the paper's 2k-18k tokens,
-  `passkey_train_small` 0-160 tokens in the SHORT format (below), for the small-scale reproduction of the
-  paper's PassKey result on 2 CPU cores (experiments/passkey_small.py).
-- Two text formats: PAPER (the instruction, the key twice, "What is the pass key? The pass key is", the
-  answer " 12345") and SHORT ("The pass key:12345. " in the filler, "\nThe pass key:" at the end, the
-  answer "12345"). SHORT is for small byte-level models: the paper's text puts the key at least 75 tokens
-  before the answer, SHORT lets it come as close as 20, inside the answer's own block of 32; and ":" occurs
-  nowhere else, where "is " also ends three filler phrases ("The grass is green."), so finding the key is
-  a one-token match for a byte model as "pass key is" is for a model with a real tokenizer.
+- Training tasks draw the filler length from a range (`passkey_train`: the paper's 2k-18k tokens) or the
+  example's total length from a set (`passkey_random_small`, `passkey_repeated_small`: 64 to 512 tokens,
+  the small-scale reproduction of the paper's PassKey result on 2 CPU cores, experiments/passkey_small.py).
+- Text formats: PAPER (the instruction, the key twice, "What is the pass key? The pass key is", the
+  answer " 12345"); SHORT ("The pass key:12345. " in the filler, "\nThe pass key:" at the end, the
+  answer "12345"); and the token-level RANDOM and REPEATED ("#12345" in filler letters, "?" at the end):
+  random letters, new in every block, or one 20-letter phrase repeated, the structure of the paper's
+  filler. The token-level ones are for small models trained from scratch: with the paper's repeated
+  sentences a 2-layer byte model trained from scratch barely learns (docs/passkey_small.md).
 - Evaluation tasks `passkey_2k` ... `passkey_1m` have a fixed total length (prompt + answer + EOS, exact
   in the byte vocabulary, within a few tokens otherwise) and EVAL_EXAMPLES examples at evenly spaced
   depths. They are generated lazily, one example at a time: a 1M-token example is 1 MB of text.
@@ -38,6 +38,7 @@ class PasskeyFormat:
   needle: str  # a str.format template; the key's first digit goes where "{key}" first appears
   question: str
   answer: str  # a str.format template
+  filler: str = "sentences"  # "sentences" (FILLER repeated), "random" or "repeated" (see _filler)
 
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -58,18 +59,27 @@ EVAL_EXAMPLES = 10
 PAPER = PasskeyFormat("paper", INTRO, "The pass key is {key}. Remember it. {key} is the pass key. ",
                       QUESTION, " {key}")
 SHORT = PasskeyFormat("short", "", "The pass key:{key}. ", "\nThe pass key:", "{key}")
-FORMATS = {f.name: f for f in (PAPER, SHORT)}
+# Token-level formats for small models trained from scratch: one marker token before the key ("#"),
+# one before the answer ("?"), the filler drawn from 50 letters that contain neither markers nor digits.
+# RANDOM draws every filler token independently, so every block of filler is new; REPEATED repeats one
+# fixed 20-letter phrase (from a random phase), the structure of the paper's filler (one paragraph
+# repeated) in the same alphabet, so a model trained on RANDOM reads it without unseen tokens.
+FILLER_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"  # 50 symbols, one byte each
+REPEATED_PHRASE = "qHfkUwbRnEtaLxDpgMsJ"  # 20 letters of FILLER_ALPHABET, repeated by REPEATED
+RANDOM = PasskeyFormat("random", "", "#{key}", "?", "{key}", filler="random")
+REPEATED = PasskeyFormat("repeated", "", "#{key}", "?", "{key}", filler="repeated")
+FORMATS = {f.name: f for f in (PAPER, SHORT, RANDOM, REPEATED)}
 TRAIN_TASKS = {  # name: (filler tokens, format)
     "passkey_train": (TRAIN_FILLER_TOKENS, PAPER),
-    "passkey_train_small": ((0, 160), SHORT),  # 0 to 5 blocks of 32
 }
-# The small-scale experiment's digit copying: long rows of it to pretrain on, short examples to mix with
-# PassKey (3 examples to 1) so that the copied digits do not outweigh the keys in the loss.
-COPY_TASKS = {  # name: (period in digits, repeats)
-    "passkey_copy_small": ((8, 16), (12, 24)),
-    "passkey_copy_short_small": ((8, 16), (1, 3)),
+# Training tasks of a fixed total length drawn per example (prompt + answer + EOS, exact in the byte
+# vocabulary): name: (total lengths, format). `passkey_random_small` is the training task of
+# experiments/passkey_small.py: rows of 2 to 16 blocks of 32, every key depth equally likely.
+TRAIN_TOTAL_TASKS = {
+    "passkey_random_small": ((64, 128, 256, 512), RANDOM),
+    "passkey_repeated_small": ((64, 128, 256, 512), REPEATED),
+    "passkey_random_512": ((512,), RANDOM),
 }
-SMALL_MIXTURE = ("passkey_small", (("passkey_train_small", 3.0), ("passkey_copy_short_small", 1.0)))
 
 
 def get_format(name: str) -> PasskeyFormat:
@@ -109,23 +119,38 @@ def make_example(rng: Union[np.random.Generator, int], filler_chars: int,
     raise ValueError(f"depth must be in [0, 1], got {depth}")
   if filler_chars < 0:
     raise ValueError(f"filler_chars must be >= 0, got {filler_chars}")
-  text = _filler(filler_chars)
+  text = _filler(filler_chars, fmt, rng)
   cut = int(round(depth * filler_chars))
-  boundary = text.rfind(". ", 0, cut)  # the last sentence boundary that ends at or before the cut
-  cut = 0 if boundary < 0 or cut == 0 else boundary + 2
+  if fmt.filler == "sentences":
+    boundary = text.rfind(". ", 0, cut)  # the last sentence boundary that ends at or before the cut
+    cut = 0 if boundary < 0 or cut == 0 else boundary + 2
   prompt = fmt.intro + text[:cut] + needle(key, fmt) + text[cut:] + fmt.question
   key_offset = len(fmt.intro) + cut + fmt.needle.index("{key}")
   return PasskeyExample(prompt=prompt, answer=fmt.answer.format(key=key), key=key, depth=depth,
                         key_offset=key_offset)
 
 
-def _filler(n_chars: int) -> str:
-  return (FILLER * (n_chars // len(FILLER) + 1))[:n_chars]
+def _filler(n_chars: int, fmt: PasskeyFormat = PAPER, rng: Optional[np.random.Generator] = None) -> str:
+  """`n_chars` of filler: FILLER repeated ("sentences"), letters drawn uniformly from FILLER_ALPHABET
+  ("random"), or REPEATED_PHRASE repeated from a random phase ("repeated"). Sentence filler draws nothing
+  from `rng`, so its examples do not depend on the filler kind's existence."""
+  if fmt.filler == "sentences":
+    return (FILLER * (n_chars // len(FILLER) + 1))[:n_chars]
+  if rng is None:
+    raise ValueError(f"the {fmt.name!r} PassKey format draws its filler: pass an rng")
+  if fmt.filler == "random":
+    alphabet = np.frombuffer(FILLER_ALPHABET.encode(), np.uint8)
+    return alphabet[rng.integers(0, len(alphabet), n_chars)].tobytes().decode()
+  if fmt.filler == "repeated":
+    shift = int(rng.integers(len(REPEATED_PHRASE)))
+    text = REPEATED_PHRASE * (n_chars // len(REPEATED_PHRASE) + 2)
+    return text[shift:shift + n_chars]
+  raise ValueError(f"PassKey format {fmt.name!r}: unknown filler kind {fmt.filler!r}")
 
 
-def chars_per_token(vocabulary) -> float:
+def chars_per_token(vocabulary, fmt: PasskeyFormat = PAPER) -> float:
   """Filler characters per token of `vocabulary` (1.0 for bytes), to size filler in tokens."""
-  sample = FILLER * 16
+  sample = FILLER * 16 if fmt.filler == "sentences" else FILLER_ALPHABET * 8
   return len(sample) / len(vocabulary.encode(sample))
 
 
@@ -134,7 +159,7 @@ def filler_chars_for_total(total_tokens: int, vocabulary, fmt: PasskeyFormat = P
   key = 10 ** (KEY_DIGITS - 1)
   overhead_tokens = len(vocabulary.encode(fmt.intro + needle(key, fmt) + fmt.question
                                           + fmt.answer.format(key=key))) + 1  # + EOS
-  return max(0, int((total_tokens - overhead_tokens) * chars_per_token(vocabulary)))
+  return max(0, int((total_tokens - overhead_tokens) * chars_per_token(vocabulary, fmt)))
 
 
 def eval_depth(index: int, n_examples: int = EVAL_EXAMPLES) -> float:
@@ -144,7 +169,7 @@ def eval_depth(index: int, n_examples: int = EVAL_EXAMPLES) -> float:
 
 def make_train_examples(filler_tokens: tuple[int, int], vocabulary, fmt: PasskeyFormat = PAPER):
   """ExampleFn (famjax.data.sources) of a training task: endless, random depth and filler length."""
-  ratio = chars_per_token(vocabulary)
+  ratio = chars_per_token(vocabulary, fmt)
   low, high = (int(t * ratio) for t in filler_tokens)
 
   def draw(rng: np.random.Generator) -> tuple[str, str]:
@@ -152,6 +177,18 @@ def make_train_examples(filler_tokens: tuple[int, int], vocabulary, fmt: Passkey
     return ex.prompt, ex.answer
 
   return _endless(7, draw)
+
+
+def make_train_total_examples(totals: tuple[int, ...], vocabulary, fmt: PasskeyFormat = RANDOM):
+  """ExampleFn of a training task whose examples are `totals[j]` tokens long (prompt + answer + EOS),
+  j uniform, with the key at a uniformly random depth of the filler."""
+  fillers = [filler_chars_for_total(t, vocabulary, fmt) for t in totals]
+
+  def draw(rng: np.random.Generator) -> tuple[str, str]:
+    ex = make_example(rng, fillers[int(rng.integers(len(fillers)))], fmt=fmt)
+    return ex.prompt, ex.answer
+
+  return _endless(11, draw)
 
 
 def _endless(salt: int, draw):
@@ -180,18 +217,6 @@ def make_eval_examples(total_tokens: int, vocabulary, n_examples: int = EVAL_EXA
       yield ex.prompt, ex.answer
 
   return make
-
-
-def make_digit_copy_examples(period: tuple[int, int], repeats: tuple[int, int]):
-  """ExampleFn of a dense copying task: `period` random digits, then the same digits again `repeats`
-  times; the answer is the repetitions. Every answer token is a copy target, where PassKey gives one
-  5-digit answer per example: a small model trained from scratch on PassKey alone stays at chance for
-  thousands of steps, mixed with this it starts retrieving (`passkey_small`; docs/passkey_small.md)."""
-  def draw(rng: np.random.Generator) -> tuple[str, str]:
-    digits = "".join(map(str, rng.integers(0, 10, int(rng.integers(period[0], period[1] + 1)))))
-    return digits, digits * int(rng.integers(repeats[0], repeats[1] + 1))
-
-  return _endless(9, draw)
 
 
 def postprocess(output: str, example=None, is_target: bool = False) -> str:

@@ -106,7 +106,7 @@ class BatchIterator:
     marker = tuple(self.vocabulary.encode(config.repeat_segment_marker))
     spec = PackingSpec(config.seq_len, config.pack, config.mask_between_examples,
                        config.repeat_segment_len, config.repeat_segment_weight, marker,
-                       config.instruction_weight, config.too_long)
+                       config.instruction_weight, config.too_long, config.pack_align)
     rng = np.random.default_rng([pipeline_seed, process_index, 0x5EED])
     self._packer = Packer(spec, rng, self._stats, repeat=(split == "train"))
     batches = _batches(examples, self._packer, self.per_host_batch, config.seq_len, self.mixture)

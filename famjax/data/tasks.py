@@ -3,10 +3,9 @@
 Built in (byte vocabulary, registered on import):
 - famjax_demo, famjax_demo_short, famjax_demo_long: Mixtures of five synthetic tasks each
   (`<mixture>_<task>`, see famjax.data.synthetic), equal rates, at three context lengths.
-- passkey_train (filler 2k-18k tokens), passkey_train_small (0-160, the short format; see
-  famjax.data.passkey.TRAIN_TASKS), passkey_copy_small and passkey_copy_short_small (digit copying,
-  famjax.data.passkey.COPY_TASKS), the mixture passkey_small, and passkey_2k ... passkey_1m (evaluation,
-  fixed length).
+- passkey_train (filler 2k-18k tokens; famjax.data.passkey.TRAIN_TASKS), passkey_random_small and
+  passkey_repeated_small (64-512 tokens, random or repeated filler; famjax.data.passkey.TRAIN_TOTAL_TASKS),
+  and passkey_2k ... passkey_1m (evaluation, fixed length).
 - scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19 (famjax.data.longcontext).
 User sources (DataConfig.sources) become Tasks `<mixture>_<task_name>` and a Mixture `<mixture>`.
 
@@ -141,12 +140,10 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
     _python_task(name + suffix, vocabulary, ("passkey_train", filler_tokens, fmt.name),
                  passkey.make_train_examples(filler_tokens, vocab, fmt), ("train",),
                  metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
-  for copy_name, (period, repeats) in passkey.COPY_TASKS.items():
-    _python_task(copy_name + suffix, vocabulary, ("digit_copy", period, repeats),
-                 passkey.make_digit_copy_examples(period, repeats), ("train",),
-                 metric_fns=[metrics.exact_match])
-  mixture, rates = passkey.SMALL_MIXTURE
-  _add_mixture(mixture + suffix, [(task + suffix, rate) for task, rate in rates])
+  for name, (totals, fmt) in passkey.TRAIN_TOTAL_TASKS.items():
+    _python_task(name + suffix, vocabulary, ("passkey_train_total", totals, fmt.name),
+                 passkey.make_train_total_examples(totals, vocab, fmt), ("train",),
+                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
   for name, total in passkey.EVAL_LENGTHS.items():
     _python_task(name + suffix, vocabulary, ("passkey_eval", total, passkey.EVAL_EXAMPLES),
                  passkey.make_eval_examples(total, vocab), ("validation",),
@@ -165,7 +162,7 @@ def builtin_names() -> tuple[str, ...]:
   """Names a DataConfig.mixture may take without `sources` (for the byte vocabulary)."""
   names = list(synthetic.DEMO_MIXTURES)
   names += [f"{m}_{t}" for m in synthetic.DEMO_MIXTURES for t in synthetic.TASKS]
-  names += [*passkey.TRAIN_TASKS, *passkey.COPY_TASKS, passkey.SMALL_MIXTURE[0], *passkey.EVAL_LENGTHS,
+  names += [*passkey.TRAIN_TASKS, *passkey.TRAIN_TOTAL_TASKS, *passkey.EVAL_LENGTHS,
             *longcontext.SPECS]
   return tuple(sorted(names))
 

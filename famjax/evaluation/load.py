@@ -40,6 +40,7 @@ class ModelSource:
   vocabulary: str  # a famjax.data.get_vocabulary spec: "byte" or a SentencePiece .model path
   overrides: tuple[tuple[str, Any], ...] = ()  # ModelConfig fields for from_hf
   config: Optional[dict] = None  # the directory's config.json
+  step: Optional[int] = None  # a workdir's checkpoint to read (None: the newest that restores)
 
 
 def parse_model_flag(value: str) -> tuple[str, str]:
@@ -65,6 +66,9 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
     raise LoadError(f"{path}: unknown model overrides {unknown} (known: {list(HF_OVERRIDES)})")
   if not path.exists():
     raise LoadError(f"{path}: no such directory")
+  step = None
+  if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
+    path, step = path.parent.parent, int(path.name)  # WORKDIR/checkpoints/STEP: that checkpoint
   config_file = path / "config.json"
   if not path.is_dir() or not config_file.is_file():
     raise LoadError(f"{path}: neither a famjax workdir nor a Hugging Face directory (no config.json)")
@@ -74,7 +78,7 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
     raise LoadError(f"{config_file}: unreadable ({e})") from None
   name = name or path.name
   if isinstance(config, dict) and isinstance(config.get("model"), dict):
-    return _workdir_source(name, path, config, vocabulary)
+    return dataclasses.replace(_workdir_source(name, path, config, vocabulary), step=step)
   if isinstance(config, dict) and "model_type" in config:
     return ModelSource(name, path, HF, vocabulary or _hf_vocabulary(path, config),
                        tuple(sorted(hf_overrides.items())), config)
@@ -105,7 +109,7 @@ def _hf_vocabulary(path: Path, config: dict) -> str:
 def load(source: ModelSource) -> tuple[Transformer, dict]:
   """(model, info) with info = {name, path, kind, vocabulary, step (workdirs), model (its config)}."""
   if source.kind == WORKDIR:
-    model, step = _load_workdir(source.path, source.config)
+    model, step = _load_workdir(source.path, source.config, source.step)
   else:
     model, step = _load_hf(source.path, dict(source.overrides)), None
   info = {"name": source.name, "path": str(source.path), "kind": source.kind,
@@ -115,7 +119,7 @@ def load(source: ModelSource) -> tuple[Transformer, dict]:
   return model, info
 
 
-def _load_workdir(path: Path, config: dict) -> tuple[Transformer, int]:
+def _load_workdir(path: Path, config: dict, step: Optional[int] = None) -> tuple[Transformer, int]:
   # Imported here: checking paths (describe) should not pay for Orbax and the trainer.
   from famjax.training import export  # pylint: disable=import-outside-toplevel
   from famjax.training.config import ConfigError, job_config  # pylint: disable=import-outside-toplevel
@@ -123,7 +127,7 @@ def _load_workdir(path: Path, config: dict) -> tuple[Transformer, int]:
   raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1}  # whatever devices this machine has
   try:
     job = job_config(raw)
-    step, params = export.restore_params(job, path)
+    step, params = export.restore_params(job, path, step)
   except ConfigError as e:
     raise LoadError(f"{path}: {str(e).replace(f'--workdir {path}', '').strip(': ')}") from None
   return Transformer(job.model, params=params), int(step)

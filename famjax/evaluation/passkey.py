@@ -42,8 +42,9 @@ def passkey_examples(vocabulary, total_tokens: int, n_examples: int = passkey_da
 
 def filler_tokens(vocabulary, total_tokens: int, fmt: str = "paper") -> int:
   """Tokens of filler in an example of `total_tokens` (the rest is instruction, key and question)."""
-  chars = passkey_data.filler_chars_for_total(total_tokens, vocabulary, passkey_data.get_format(fmt))
-  return int(round(chars / passkey_data.chars_per_token(vocabulary)))
+  form = passkey_data.get_format(fmt)
+  chars = passkey_data.filler_chars_for_total(total_tokens, vocabulary, form)
+  return int(round(chars / passkey_data.chars_per_token(vocabulary, form)))
 
 
 def score(answers: list[str], outputs: list[str]) -> tuple[list[str], list[str], float]:

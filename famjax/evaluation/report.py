@@ -42,6 +42,32 @@ def passkey_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+DEPTH_BINS = 4  # the depth table's rows: the key in the first quarter of the filler, ..., the last
+
+
+def passkey_depth_table(results: dict) -> str:
+  """Markdown: rows = quarters of the key's depth in the filler (0 = farthest from the question), columns
+  = models, cells = exact match (%) at each model's longest PassKey length; "" if no PassKey."""
+  names = [n for n, m in results["models"].items() if m.get("passkey")]
+  if not names:
+    return ""
+  longest = {n: max(results["models"][n]["passkey"], key=lambda r: r["total_tokens"]) for n in names}
+  lengths = sorted({format_length(r["total_tokens"]) for r in longest.values()})
+  lines = [f"| key depth ({', '.join(lengths)} tokens) | " + " | ".join(names) + " |",
+           "|---|" + "---:|" * len(names)]
+  for b in range(DEPTH_BINS):
+    low, high = b / DEPTH_BINS, (b + 1) / DEPTH_BINS
+    cells = []
+    for name in names:
+      rows = [d for d in longest[name]["per_depth"]
+              if low <= d["depth"] < high or (high == 1.0 and d["depth"] == 1.0)]
+      n = sum(d["n"] for d in rows)
+      hits = sum(d["exact_match"] * d["n"] / 100.0 for d in rows)
+      cells.append(f"{100.0 * hits / n:.3g} ({n})" if n else "-")
+    lines.append(f"| {low:.2f}-{high:.2f} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def tasks_table(results: dict) -> str:
   """Markdown: rows = (task, metric), columns = models."""
   names = [n for n, m in results["models"].items() if m.get("tasks")]
@@ -73,7 +99,9 @@ def markdown(results: dict) -> str:
   table = passkey_table(results)
   if table:
     examples = results.get("settings", {}).get("passkey_examples", "?")
-    parts += ["", f"## PassKey exact match (%, {examples} examples per length)", "", table]
+    parts += ["", f"## PassKey exact match (%, {examples} examples per length)", "", table,
+              "", "## PassKey exact match (%) by key depth at the longest length (examples in brackets)",
+              "", passkey_depth_table(results)]
   table = tasks_table(results)
   if table:
     parts += ["", "## Long-context tasks", "", table]

@@ -56,7 +56,10 @@ class ModelConfig:
     dtype: compute dtype (activations, matmuls). Softmax and norms run in float32 regardless.
     param_dtype: storage dtype of the parameters (the master copy in training).
     remat: activation checkpointing policy of the scan over layers, one of REMAT_POLICIES.
-    init_std: standard deviation of the random initialisation of weight matrices and embeddings.
+    init_std: standard deviation of the random initialisation of weight matrices and embeddings; None
+      (the default) scales it to the width, d_model ** -0.5 (fan-in scaling of the projections that read
+      the residual stream), which is 0.125 at d_model 64 and 0.0156 at 4096. A fixed 0.02 (GPT-2's) is
+      about 6x too small at width 64: the PassKey model then stays at chance (docs/passkey_small.md).
   """
 
   vocab_size: int = 256
@@ -77,7 +80,7 @@ class ModelConfig:
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
   remat: str = "full"
-  init_std: float = 0.02
+  init_std: float | None = None
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "block_size")
@@ -113,7 +116,10 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")
     if not (0.0 < float(self.rms_eps) < 1.0):
       raise ValueError(f"ModelConfig.rms_eps must be in (0, 1), got {self.rms_eps!r}")
-    if not (float(self.init_std) > 0.0):
+    if self.init_std is None:
+      object.__setattr__(self, "init_std", float(self.d_model) ** -0.5)
+    if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float, np.floating)) \
+        or not (float(self.init_std) > 0.0):
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")

@@ -49,8 +49,9 @@ class ChunkInfo(NamedTuple):
   pending: bswa/fam: tokens already in the pending block (the chunk continues it).
   fam_from_prompt: [B] True while the FAM is still the prompt's (its first update uses residual 0, §3).
   token_valid: [B, n] False marks padding, or None.
-  segment_ids: [B, n] packed-example ids; tokens attend only within their example. None: no masking
-    between examples (the paper's packing). Only for bswa/full from an empty context.
+  segment_ids: [B, n] packed-example ids (0: padding); tokens attend only within their example, and in
+    fam each example starts from the FAM the chunk started from (see `fam_restarts`). None: no masking
+    between examples (the paper's packing). Only from an empty context.
   position_offset: [B] float RPO offset (spec §6), or None.
   """
 
@@ -104,6 +105,40 @@ def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array
   new = _mlp_block(p, af, cfg.rms_eps)
   complete = jnp.all(block_valid, axis=-1)
   return jnp.where(complete[:, None, None], new, fam), kF, vF
+
+
+def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.Array, k_blocks, v_blocks,
+                 valid, seg, offset):
+  """The FAM scan of a chunk of packed examples (segment ids `seg` [B, C, S], 0 = padding) **[famjax]**.
+
+  Masking between packed examples is not in the paper (it packs without masks); famjax defines it so
+  that every example of a row computes what it would alone in its row: a block whose first token starts
+  another example than the one the FAM belongs to restarts the FAM from `fam0` (the state the chunk
+  started from: the prompt's, or a passed state under RSP, with its `from_prompt` flag), and a FAM update
+  updates only from a complete block of the FAM's own example. Exact when every example starts at a block
+  boundary (DataConfig.pack_align); an example that starts inside a block reads no FAM there.
+  Padding blocks (segment 0) leave the FAM as it is, so the returned state is the last example's.
+
+  Returns (F after the chunk [B, F, D], kF, vF [C, B, F, K, H] (the FAM each block saw), the example id
+  of that FAM per block [B, C]).
+  """
+  def step(carry, blk):
+    fam, from_prompt, owner = carry
+    k_blk, v_blk, valid_blk, seg_blk = blk
+    first = seg_blk[:, 0]
+    restart = (first > 0) & (first != owner)
+    fam = jnp.where(restart[:, None, None], fam0, fam)
+    from_prompt = jnp.where(restart, from_prompt0, from_prompt)
+    owner = jnp.where(restart, first, owner)
+    own = valid_blk & (seg_blk == owner[:, None])  # an example's last, shared block does not update
+    fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, own, offset)
+    return (fam, from_prompt & ~jnp.all(own, axis=-1), owner), (kF, vF, owner)
+
+  blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
+  (fam, _, _), (kF, vF, owner) = jax.lax.scan(
+      step, (fam0, from_prompt0, seg[:, 0, 0]),
+      (blocks_first(k_blocks), blocks_first(v_blocks), blocks_first(valid), blocks_first(seg)))
+  return fam, kF, vF, jnp.moveaxis(owner, 0, 1)
 
 
 def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo,
@@ -176,19 +211,26 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   new_fam = ctx.fam
   if cfg.has_fam:
     # Step 2 of spec §9: the only sequential part, F rows per block.
-    def step(carry, blk):
-      fam, from_prompt = carry
-      k_blk, v_blk, valid_blk = blk
-      fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, info.position_offset)
-      return (fam, from_prompt & ~jnp.all(valid_blk, axis=-1)), (kF, vF)
-
     blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
-    (new_fam, _), (kF, vF) = jax.lax.scan(step, (ctx.fam, info.fam_from_prompt),
-                                          (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
-    F = cfg.fam_len
+    if info.segment_ids is None:
+      def step(carry, blk):
+        fam, from_prompt = carry
+        k_blk, v_blk, valid_blk = blk
+        fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, info.position_offset)
+        return (fam, from_prompt & ~jnp.all(valid_blk, axis=-1)), (kF, vF)
+
+      (new_fam, _), (kF, vF) = jax.lax.scan(step, (ctx.fam, info.fam_from_prompt),
+                                            (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
+      fam_mask = jnp.ones((Bsz, C, Q, cfg.fam_len), bool)
+    else:
+      new_fam, kF, vF, fam_seg = fam_restarts(p, cfg, ctx.fam, info.fam_from_prompt, k_self, vb, valid, seg,
+                                              info.position_offset)
+      # A query reads the FAM only if it belongs to its example (an example that starts inside a block
+      # reads no FAM in that block); [B, C, Q, F].
+      fam_mask = jnp.broadcast_to((q_seg == fam_seg[:, :, None])[..., None], (Bsz, C, Q, cfg.fam_len))
     keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, F, K, H]: the FAM block c saw (F_{c-1})
     values.append(jnp.moveaxis(vF, 0, 1))
-    masks.append(jnp.ones((Bsz, C, Q, F), bool))
+    masks.append(fam_mask)
 
   masks = [jnp.broadcast_to(mask, (Bsz, C, Q, mask.shape[-1])) for mask in masks]
   out = attend(q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),

@@ -100,16 +100,13 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   """Logits [B, n, V] (float32) of a chunk `tokens` [B, n] that continues `state`, and the next state.
 
   `max_pending` (static) bounds `state.pending`: 0 for a forward from an empty state. `segment_ids`
-  (packed-example ids, attention only within an example) needs an empty state and bswa or full.
+  (packed-example ids, attention only within an example; in fam every example starts from the initial
+  FAM, famjax.model.fam.fam_restarts) needs an empty state.
   `constrain(x, logical_names)` pins the sharding of the activations between layers ("batch", "length",
   "embed") and of the logits ("batch", "length", "vocab"), e.g. famjax.parallel.activation_constraint:
   without it, on an FSDP mesh the compiler may gather the batch instead of the weights.
   """
   constrain = constrain or _unconstrained
-  if segment_ids is not None and cfg.has_fam:
-    raise ValueError("segment_ids (masking between packed examples) is not supported with attention="
-                     "'fam': the FAM would still carry information across examples; pack without masks "
-                     "(the paper's choice) or use bswa/full")
   n = tokens.shape[1]
   dtype = cfg.compute_dtype
   x = params["embed"][tokens].astype(dtype)
@@ -240,8 +237,9 @@ class Transformer(nnx.Module):
       of the paper's implementation. So it reproduces that training setting; it is not a true shift of
       positions. Leave it None (0) at evaluation and inference.
     fam_state: start every layer from this FAM instead of the prompt's (Random State Passing, §6).
-    segment_ids: [B, T] ids of packed examples; tokens attend only within their own example (bswa and
-      full; the paper packs without such masks).
+    segment_ids: [B, T] ids of packed examples (0: padding); tokens attend only within their own
+      example, and in fam every example starts from the initial FAM (exactly as if alone when it starts
+      at a block boundary; famjax.model.fam.fam_restarts). The paper packs without such masks.
     return_fam_state: also return the final FamState (after the last complete block).
     """
     tokens = jnp.asarray(tokens)

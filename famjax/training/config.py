@@ -116,8 +116,8 @@ class FamTrainingConfig:
 
   rsp_prob: float = 0.0
   rpo: bool = False
-  # RSP only from this step on. 0, as the paper, which fine-tunes a pretrained model; a model trained
-  # from scratch did not learn with RSP from its first step (docs/passkey_small.md).
+  # RSP only from this step on. 0, as the paper, which fine-tunes a pretrained model; small models
+  # trained from scratch have not learned with RSP from their first step (docs/passkey_small.md).
   rsp_start_step: int = 0
 
   def __post_init__(self):
@@ -181,10 +181,10 @@ def job_config(config: Mapping[str, Any], data_vocab_size=None) -> JobConfig:
     raise ConfigError(f"config.model.vocab_size={model.vocab_size} is smaller than the data vocabulary "
                       f"({data_vocab_size()} ids); set it to 0 to take the vocabulary's size")
   data = dict(raw.get("data", {}))
-  if data.get("mask_between_examples") and model.has_fam:
-    raise ConfigError("config.data.mask_between_examples=True is not supported with "
-                      "model.attention='fam' (the FAM would still carry information across packed "
-                      "examples); pack without masks as the paper does, or use bswa/full")
+  if data.get("mask_between_examples") and model.has_fam and data.get("pack_align", 1) % model.block_size:
+    raise ConfigError(f"config.data.pack_align={data.get('pack_align', 1)} must be a multiple of "
+                      f"model.block_size={model.block_size} when mask_between_examples is on with FAM: "
+                      "each packed example restarts the FAM at a block boundary")
   return JobConfig(model=model, train=train, data=data, **sections)
 
 

@@ -19,8 +19,8 @@ from famjax.training.config import ConfigError, JobConfig, incompatible_fields
 from famjax.training.trainer import Trainer
 
 
-def restore_params(job: JobConfig, workdir) -> tuple[int, dict]:
-  """(step, merged parameters) of the newest good checkpoint of the run in `workdir`."""
+def restore_params(job: JobConfig, workdir, step: int | None = None) -> tuple[int, dict]:
+  """(step, merged parameters) of the newest good checkpoint of the run in `workdir`, or of `step`."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.exists():
@@ -31,7 +31,12 @@ def restore_params(job: JobConfig, workdir) -> tuple[int, dict]:
   trainer = Trainer(job)
   ckpt = Checkpointer(workdir / "checkpoints", job.train.keep_checkpoints, async_save=False)
   try:
-    restored = ckpt.restore_latest(trainer.abstract_state)
+    if step is None:
+      restored = ckpt.restore_latest(trainer.abstract_state)
+    elif step not in ckpt.steps():
+      raise ConfigError(f"--workdir {workdir}: no checkpoint of step {step} (there are: {ckpt.steps()})")
+    else:
+      restored = (step,) + ckpt.restore(step, trainer.abstract_state)
   finally:
     ckpt.close()
   if restored is None:

@@ -52,8 +52,8 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
                     mask_between_examples: bool = False, constrain=None):
   """train_step(state, batch) -> (state, metrics). batch: "inputs", "targets" int32 [B, T], "weights"
   float32 [B, T], optional "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 for padding:
-  padding is masked as keys and kept out of FAM updates; with `mask_between_examples` (bswa and full
-  only) tokens attend only within their example). `constrain`: the activations' sharding on the mesh
+  padding is masked as keys and kept out of FAM updates; with `mask_between_examples` tokens attend
+  only within their example and every example starts from the initial FAM). `constrain`: the activations' sharding on the mesh
   (famjax.parallel.activation_constraint; None on one device). metrics: float32 scalars (loss, ce,
   z_loss, accuracy, weight_sum, grad_norm, learning_rate, rsp_used)."""
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
