@@ -189,7 +189,7 @@ def test_rsp_keeps_example_0_final_fam_and_starts_from_it():
     want_loss, final = _loss_from(params, batch, start)
     np.testing.assert_allclose(m["loss"], want_loss, rtol=1e-5)
     # The state kept for the next step: example 0's final FAM of every layer.
-    np.testing.assert_allclose(state.rsp_fam, final.values[:, 0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.rsp_fam, final.values[:, 0], rtol=1e-5, atol=1e-5)  # float32, values O(1)
     assert bool(state.rsp_valid)
   assert 0 < sum(used) < 5, used  # p = 0.5, drawn per step (deterministic for this seed)
 

@@ -114,8 +114,8 @@ def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.A
   Masking between packed examples is not in the paper (it packs without masks); famjax defines it so
   that every example of a row computes what it would alone in its row: a block whose first token starts
   another example than the one the FAM belongs to restarts the FAM from `fam0` (the state the chunk
-  started from: the prompt's, or a passed state under RSP, with its `from_prompt` flag), and a FAM update
-  updates only from a complete block of the FAM's own example. Exact when every example starts at a block
+  started from: the prompt's, or a passed state under RSP, with its `from_prompt` flag), and the FAM
+  updates only from a complete block of its own example. Exact when every example starts at a block
   boundary (DataConfig.pack_align); an example that starts inside a block reads no FAM there.
   Padding blocks (segment 0) leave the FAM as it is, so the returned state is the last example's.
 
