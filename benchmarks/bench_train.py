@@ -44,7 +44,7 @@ def job(variant="fam", **changes):
     for p in path:
       section = section[p]
     section[last] = value
-  return job_config(c, data_vocab_size=lambda: 259)
+  return job_config(c, vocab_size=259)
 
 
 ROWS = {

@@ -23,6 +23,14 @@ def get_config() -> config_dict.ConfigDict:
   c.init_from = config_dict.placeholder(str)  # None, a Hugging Face dir, or a famjax workdir/checkpoint
   c.z_loss = 0.0              # coefficient of log(Z)^2 added to the token loss (0: off)
   c.tensorboard = True        # write TensorBoard events to WORKDIR/tensorboard
+  # Evaluation during training (logged as eval_* in metrics.jsonl, TensorBoard and the progress line).
+  c.eval_every = 0            # evaluate every N steps; 0: never
+  c.eval_steps = 20           # batches of the validation split per evaluation; 0: PassKey only
+  c.eval_mixture = ""         # a seqio task or mixture with a validation split; "": data.mixture
+  c.eval_passkey_lengths = "" # PassKey exact match at these lengths, e.g. "1k,4k" (streaming); "": none
+  c.eval_passkey_examples = 8 # PassKey examples per length (key depths evenly spread)
+  c.eval_passkey_format = "paper"  # paper | short | random | repeated (famjax.data.passkey)
+  c.profile_steps = ""        # "START,STOP": a JAX profiler trace of those steps in WORKDIR/tensorboard
 
   # -- the model (famjax.ModelConfig; spec ../shared/docs/fam.md §1-§5) -------------------------------
   m = c.model = config_dict.ConfigDict()

@@ -22,9 +22,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from famjax.parallel import MESH_AXES, distributed, slice_count
+from famjax.train_data import TrainData
 from famjax.training import evaluate, export, init_from, loop
-from famjax.training.config import ConfigError, job_config, train_config
-from famjax.training.data_source import DataSource
+from famjax.training.config import ConfigError, DataSection, job_config, train_config
+from famjax.workdir import layout
 
 
 def _config_package_on_path(argv) -> None:
@@ -72,15 +73,19 @@ def parse_flags(argv):
 # -- the job -----------------------------------------------------------------------------------------
 
 def build(config):
-  """(JobConfig, DataSource) validated, or ConfigError naming the field."""
+  """(JobConfig, TrainData) validated, or ConfigError naming the field. Each piece is built once, in
+  the order they need each other: the run, the data (its vocabulary), then the rest of the job."""
   raw = config.to_dict()
-  data = DataSource(raw.get("data", {}), train_config(raw))
-  job = job_config(config, data_vocab_size=data.vocab_size)
+  if not isinstance(raw.get("data", {}), dict):
+    raise ConfigError(f"config.data: must be a section (a ConfigDict), got {raw['data']!r}")
+  train = train_config(raw)
+  data = TrainData(DataSection.from_dict(raw.get("data", {})), train)
+  job = job_config(raw, vocab_size=data.vocab_size, train=train)
   if job.train.init_from:
     source_model = init_from.source_model_config(job.train.init_from, job.model)
-    if source_model.vocab_size < data.vocab_size():
+    if source_model.vocab_size < data.vocab_size:
       raise ConfigError(f"config.init_from: the checkpoint's vocabulary ({source_model.vocab_size}) is "
-                        f"smaller than the data's ({data.vocab_size()})")
+                        f"smaller than the data's ({data.vocab_size})")
     job = dataclasses.replace(job, model=source_model)
   try:
     sizes = dict(zip(MESH_AXES, job.mesh.resolve(jax.device_count(), slice_count(jax.devices()))))
@@ -90,12 +95,52 @@ def build(config):
   if job.train.batch_size % batch_ways or job.train.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={job.train.batch_size} must be divisible by mesh data*fsdp="
                       f"{batch_ways} and by the {jax.process_count()} host(s)")
+  if job.train.evaluates and job.train.eval_passkey_lengths:
+    passkey_lengths(job, data)  # checked now, before anything compiles
   return job, data
 
 
+def passkey_lengths(job, data) -> list[int]:
+  """The lengths of the PassKey check during training, checked (ConfigError naming the field)."""
+  from famjax.data import passkey as passkey_data  # pylint: disable=import-outside-toplevel
+  from famjax.evaluation.lengths import parse_lengths  # pylint: disable=import-outside-toplevel
+  t = job.train
+  try:
+    lengths = parse_lengths(t.eval_passkey_lengths)
+  except ValueError as e:
+    raise ConfigError(f"config.eval_passkey_lengths={t.eval_passkey_lengths!r}: {e}") from None
+  try:
+    passkey_data.get_format(t.eval_passkey_format)
+  except ValueError as e:
+    raise ConfigError(f"config.eval_passkey_format: {e}") from None
+  if data.synthetic:
+    raise ConfigError("config.eval_passkey_lengths: PassKey needs the data's vocabulary; the synthetic "
+                      "stream has none")
+  if jax.process_count() > 1:
+    raise ConfigError("config.eval_passkey_lengths: the PassKey check during training runs in "
+                      "single-process jobs only (evaluate the checkpoints with famjax.eval)")
+  return lengths
+
+
+def passkey_eval(job, data):
+  """params -> {eval_passkey_<length>: exact match in [0, 1]}: famjax.eval's PassKey, on the streaming
+  path, `eval_passkey_examples` examples per length at evenly spaced depths (the same ones every time)."""
+  from famjax import Transformer  # pylint: disable=import-outside-toplevel
+  from famjax.data import get_vocabulary  # pylint: disable=import-outside-toplevel
+  from famjax.evaluation.lengths import format_length  # pylint: disable=import-outside-toplevel
+  from famjax.evaluation.passkey import evaluate_passkey  # pylint: disable=import-outside-toplevel
+  lengths, vocabulary, t = passkey_lengths(job, data), get_vocabulary(data.config), job.train
+
+  def check(params: dict) -> dict:
+    model = Transformer(job.model, params=params)
+    return {f"eval_passkey_{format_length(n)}":
+            evaluate_passkey(model, vocabulary, n, t.eval_passkey_examples, fmt=t.eval_passkey_format)[
+                "exact_match"] / 100 for n in lengths}
+  return check
+
+
 def outputs_message(workdir: Path, argv_config: str) -> str:
-  ckpts = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
-      if (workdir / "checkpoints").is_dir() else []
+  ckpts = layout.steps(workdir)
   cmd = f"python -m famjax.train --config={argv_config} --workdir={workdir}"
   return "\n".join([
       f"outputs in {workdir}/:",
@@ -130,7 +175,11 @@ def main(argv) -> None:
       return
     if job.model.attention != "fam" and job.fam.rsp_prob > 0:
       print(f"note: fam.rsp_prob={job.fam.rsp_prob} has no effect with attention={job.model.attention}")
-    result = loop.run(job, workdir, data.batches, restart=_RESTART.value)
+    evaluates = job.train.evaluates
+    result = loop.run(job, workdir, data.batches, restart=_RESTART.value,
+                      make_eval_batches=data.eval_batches if evaluates and job.train.eval_steps else None,
+                      passkey_eval=passkey_eval(job, data) if evaluates and job.train.eval_passkey_lengths
+                      else None)
   except (ConfigError, distributed.DistributedSetupError) as e:
     _fail(str(e))
   if result.message:

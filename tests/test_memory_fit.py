@@ -1,4 +1,5 @@
-"""benchmarks/memory_fit.py: the per-device memory estimate of a training step against XLA's
+"""famjax.training.memory (behind benchmarks/memory_fit.py): the per-device memory estimate of a training
+step against XLA's
 memory_analysis() of the step compiled ahead of time on 4 simulated CPU devices, for small configs with
 the paper's structure (LoRA, FAM, block attention, remat full, bf16 compute); and FSDP keeps the batch
 split (the model's activation constraint), so its activations are those of data parallelism.
@@ -6,7 +7,6 @@ split (the model's activation constraint), so its activations are those of data 
 The compiles run in a subprocess (this file as a script with XLA_FLAGS set), because the device count is
 fixed when a process first touches jax."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,19 +15,18 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `configs`, and famjax when this file runs as a script
+
+from configs import paper  # noqa: E402
+from famjax.parallel import MESH_AXES  # noqa: E402
+from famjax.training import memory  # noqa: E402
+from famjax.training.config import job_config  # noqa: E402
+
 GIB = 2 ** 30
 # estimate / compiled - 1 allowed for these small configs. The copy counts of the attention scores were
 # read at the paper's sizes, where XLA:CPU keeps more copies than at these: here the estimate of a
 # layer-bound step errs high (on the safe side). At the paper's sizes it is within 5% (docs/launch.md).
 TOLERANCE = {"loss": (-0.10, 0.10), "layer": (0.0, 0.35)}
-
-
-def load():
-  path = os.path.join(ROOT, "benchmarks", "memory_fit.py")
-  spec = importlib.util.spec_from_file_location("memory_fit", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # Small configs, the paper's structure: block 256, 3 memory blocks, FAM 16, LoRA rank 8, 2048 tokens.
@@ -41,26 +40,34 @@ POINTS = {  # name: (model changes, global batch, mesh)
 }
 
 
-def job(memory_fit, name):
+def small_job(batch_size, mesh, seq_len, lora_rank, n_layers, **model):
+  """configs/paper.py's 1B recipe (as benchmarks/memory_fit.py's paper_job) at the sizes given."""
+  c = paper.get_config("1b").to_dict()
+  c.update(batch_size=batch_size, seq_len=seq_len, mesh=dict(zip(MESH_AXES, mesh)))
+  c["lora"]["rank"] = lora_rank
+  c["data"]["mixture"] = "synthetic"  # no data needed to lower the step
+  c["model"].update(model, n_layers=n_layers)
+  return job_config(c)
+
+
+def job(name):
   changes, batch, mesh = POINTS[name]
-  return memory_fit.paper_job("1b", batch_size=batch, mesh=mesh, **{**SMALL, **changes})
+  return small_job(batch, mesh, **{**SMALL, **changes})
 
 
 def test_state_bytes_follow_the_sharding():
-  memory_fit = load()
-  one = memory_fit.state_bytes(job(memory_fit, "loss-bound, data 4"), (1, 1, 1))
-  four = memory_fit.state_bytes(job(memory_fit, "loss-bound, fsdp 4"), (1, 4, 1))
+  one = memory.state_bytes(job("loss-bound, data 4"), (1, 1, 1))
+  four = memory.state_bytes(job("loss-bound, fsdp 4"), (1, 4, 1))
   assert one["frozen"] / four["frozen"] == pytest.approx(4, rel=0.01)  # every frozen matrix splits over D
   assert one["trained"] > four["trained"] > one["trained"] / 4  # LoRA A splits on D; B [r, out] only on out
 
 
 def test_estimate_refuses_what_it_does_not_model():
-  memory_fit = load()
   with pytest.raises(ValueError, match="does not split over data\\*fsdp = 8"):
-    memory_fit.estimate(job(memory_fit, "loss-bound, fsdp 4"), (1, 8, 1))
-  none = memory_fit.paper_job("1b", batch_size=4, mesh=(1, 4, 1), remat="none", **SMALL)
+    memory.estimate(job("loss-bound, fsdp 4"), (1, 8, 1))
+  none = small_job(4, (1, 4, 1), remat="none", **SMALL)
   with pytest.raises(ValueError, match="remat='full'"):
-    memory_fit.estimate(none, (1, 4, 1))
+    memory.estimate(none, (1, 4, 1))
 
 
 def test_estimate_matches_the_compiled_step():
@@ -85,12 +92,11 @@ def test_estimate_matches_the_compiled_step():
 def _main():
   import jax
   assert jax.device_count() == 4, jax.devices()
-  memory_fit = load()
   results = {}
   for name, (_, _, mesh) in POINTS.items():
-    j = job(memory_fit, name)
-    compiled = memory_fit.compiled_bytes(j)
-    estimate = memory_fit.estimate(j, mesh)
+    j = job(name)
+    compiled = memory.compiled_bytes(j)
+    estimate = memory.estimate(j, mesh)
     results[name] = {"compiled": compiled["total"], "temporaries": compiled["temporaries"],
                      "estimate": estimate["total"], "peak_is": estimate["activation_peak_is"]}
   print(json.dumps(results))

@@ -185,7 +185,7 @@ def _job(mesh):
   c["data"]["mixture"] = "synthetic"
   c.update(seq_len=32, batch_size=8, steps=3)
   c["mesh"] = dict(zip(MESH_AXES, mesh))
-  return job_config(c, data_vocab_size=lambda: 256)
+  return job_config(c, vocab_size=256)
 
 
 def _train(mesh, devices):

@@ -17,7 +17,7 @@ from test_train_cli import ROOT, env
 
 
 def test_variants_validate_and_differ_only_in_attention():
-  jobs = {v: job_config(passkey_small.get_config(v), data_vocab_size=lambda: 259)
+  jobs = {v: job_config(passkey_small.get_config(v), vocab_size=259)
           for v in (*passkey_small.VARIANTS, *passkey_small.EXTRA_VARIANTS)}
   sizes = {}
   for name, job in jobs.items():
@@ -27,7 +27,7 @@ def test_variants_validate_and_differ_only_in_attention():
     assert job.train.steps == jobs["fam"].train.steps and job.train.batch_size == jobs["fam"].train.batch_size
     assert job.model.init_std == 64 ** -0.5  # the width's fan-in scale, not GPT-2's 0.02
     expected = "passkey_repeated_small" if name == "fam_repeated" else "passkey_random_small"
-    assert job.data["mixture"] == expected and job.train.seq_len == passkey_small.TRAIN_LENGTH
+    assert job.data.mixture == expected and job.train.seq_len == passkey_small.TRAIN_LENGTH
   assert len(set(sizes.values())) == 1, sizes  # FAM adds only its prompt
   fam = jobs["fam"]
   assert (fam.model.attention, fam.model.mem_segments, fam.model.fam_len) == ("fam", 0, 8)

@@ -39,9 +39,15 @@ def train(workdir, *flags, cache_dir=None):
     ("--config.optimizer.nesterov=True", "config.optimizer.nesterov: unknown field"),
     ("--config.steps=ten", "--config.steps=ten"),
     ("--config.mesh.data=3", "config.mesh"),
+    ("--config.eval_every=-1", "config.eval_every=-1 must be >= 0"),
+    ("--config.profile_steps=5,500", "config.profile_steps='5,500' must lie inside the run"),
+    (("--config.data.mixture=famjax_demo", "--config.data.repeat_segment_len=0", "--config.eval_every=5",
+      "--config.eval_mixture=nope"), "config.eval_mixture='nope'"),
+    (("--config.data.mixture=famjax_demo", "--config.data.repeat_segment_len=0", "--config.eval_every=5",
+      "--config.eval_passkey_lengths=2x"), "config.eval_passkey_lengths='2x'"),
 ])
 def test_bad_input_is_one_line_before_compiling(tmp_path, flag, field):
-  proc = train(tmp_path / "w", flag)
+  proc = train(tmp_path / "w", *((flag,) if isinstance(flag, str) else flag))
   out, err = proc.communicate(timeout=120)
   assert proc.returncode == 2, err
   lines = [line for line in err.splitlines() if line.strip()]

@@ -1,5 +1,7 @@
 """Training configs: validation names the field; the paper configs have the paper's shapes and counts."""
 
+import dataclasses
+import json
 import math
 import os
 import re
@@ -17,7 +19,7 @@ from famjax.training.config import ConfigError, incompatible_fields, job_config 
 
 
 def build(config, vocab=259):
-  return job_config(config, data_vocab_size=lambda: vocab)
+  return job_config(config, vocab_size=vocab)
 
 
 def test_base_and_demo_validate():
@@ -80,9 +82,9 @@ def test_masking_between_examples_with_fam_needs_block_aligned_packing():
   with pytest.raises(ConfigError, match=r"config\.data\.pack_align=1 must be a multiple of model\.block_size"):
     build(config)
   config["data"]["pack_align"] = 2 * config["model"]["block_size"]
-  assert build(config).data["mask_between_examples"]
+  assert build(config).data.mask_between_examples
   config["data"]["pack_align"], config["model"]["attention"] = 1, "bswa"
-  assert build(config).data["mask_between_examples"]
+  assert build(config).data.mask_between_examples
 
 
 def test_vocab_smaller_than_data_is_refused():
@@ -166,9 +168,40 @@ def test_paper_variants():
 def test_training_core_imports_neither_tensorflow_nor_the_data_package():
   import subprocess
   code = ("import sys, famjax.training.loop, famjax.training.evaluate, famjax.training.export, "
-          "famjax.training.data_source; "
+          "famjax.training.init_from, famjax.train_data, famjax.workdir.model; "
           "bad = [m for m in ('tensorflow', 'seqio', 'famjax.data') if m in sys.modules]; "
           "assert not bad, bad")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr
+
+
+def test_data_section_types_what_the_trainer_reads_and_keeps_the_rest():
+  config = base.get_config().to_dict()
+  config["data"].update(mixture="passkey_random_small", pack_align=32, instruction_weight=0.5)
+  job = build(config)
+  assert (job.data.mixture, job.data.pack_align, job.data.mask_between_examples) == \
+      ("passkey_random_small", 32, False)
+  assert job.data.options["instruction_weight"] == 0.5
+  assert job.to_dict()["data"] == json.loads(json.dumps({**config["data"], "mask_between_examples": False}))
+  config["data"]["pack_align"] = "32"
+  with pytest.raises(ConfigError, match=r"config\.data\.pack_align: expected int"):
+    build(config)
+  config["data"]["pack_align"] = 0
+  with pytest.raises(ConfigError, match=r"config\.data\.pack_align=0 must be >= 1"):
+    build(config)
+
+
+def test_data_section_defaults_are_the_data_packages():
+  from famjax.data import DataConfig  # TensorFlow: only in this test
+  from famjax.training.config import DataSection
+  for f in dataclasses.fields(DataSection):
+    if f.name != "options":
+      assert getattr(DataSection(), f.name) == getattr(DataConfig(), f.name), f.name
+
+
+def test_a_config_json_from_before_the_typed_data_section_resumes():
+  config = base.get_config().to_dict()
+  saved = build(config).to_dict()
+  saved["data"] = {k: v for k, v in saved["data"].items() if k not in ("mask_between_examples", "pack_align")}
+  assert incompatible_fields(saved, build(config).to_dict()) == []

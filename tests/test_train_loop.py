@@ -39,7 +39,7 @@ def tiny_job(**overrides):
     for p in path:
       section = section[p]
     section[last] = value
-  return job_config(c, data_vocab_size=lambda: 256)
+  return job_config(c, vocab_size=256)
 
 
 def batches_for(job, transform=None):
@@ -212,9 +212,9 @@ def test_init_from_a_famjax_run_and_an_hf_directory(straight, tmp_path):
 
 
 def test_the_data_pipeline_resumes_exactly(tmp_path):
-  from famjax.training.data_source import DataSource  # famjax.data (TensorFlow): only here
+  from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
   job = tiny_job(**{"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0})
-  source = DataSource(job.data, job.train)
+  source = TrainData(job.data, job.train)
   straight = tmp_path / "straight"
   result, _ = run(job, straight, make_batches=source.batches)
   assert result.status == "done"
@@ -222,3 +222,38 @@ def test_the_data_pipeline_resumes_exactly(tmp_path):
     run(job, tmp_path / "run", make_batches=lambda pos: CrashAt(source.batches(pos), 5))
   run(job, tmp_path / "run", make_batches=source.batches)
   assert losses(tmp_path / "run") == losses(straight)
+
+
+def test_evaluation_during_training_leaves_the_training_alone(straight, tmp_path):
+  job = tiny_job(eval_every=2, eval_steps=2)
+  seen = []
+
+  def passkey(params):  # the edge's PassKey check gets the merged parameters
+    seen.append(sorted(params))
+    return {"eval_passkey_1k": 0.25}
+
+  eval_batches = lambda: SyntheticBatches(2, 32, seed=99)  # noqa: E731
+  result, _ = run(job, tmp_path, make_eval_batches=eval_batches, passkey_eval=passkey)
+  assert result.status == "done"
+  assert losses(tmp_path) == losses(straight)  # same training stream and RNG
+  records = {r["step"]: r for r in read_history(tmp_path / "metrics.jsonl")}
+  assert [s for s, r in records.items() if "eval_loss" in r] == [2, 4, 6]
+  assert all(records[s]["eval_passkey_1k"] == 0.25 for s in (2, 4, 6)) and len(seen) == 3
+  assert "lora" not in seen[0] and "embed" in seen[0]
+  # The step's forward on the state equals --mode=eval's on the checkpoint of the same step.
+  offline = evaluate.evaluate(job, tmp_path, eval_batches, num_batches=2)
+  np.testing.assert_allclose(records[6]["eval_loss"], offline["loss"], rtol=1e-5)
+  np.testing.assert_allclose(records[6]["eval_accuracy"], offline["accuracy"], rtol=1e-5)
+
+
+def test_profile_steps_write_a_trace_tensorboard_lists(tmp_path):
+  import argparse
+  from tensorboard.plugins import base_plugin
+  from xprof.profile_plugin import ProfilePlugin
+  result, messages = run(tiny_job(profile_steps="2,3", steps=4), tmp_path)
+  assert result.status == "done" and any(m.startswith("step memory per device (XLA)") for m in messages)
+  traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+  assert len(traces) == 1
+  context = base_plugin.TBContext(logdir=str(tmp_path / "tensorboard"), data_provider=None,
+                                  flags=argparse.Namespace(master_tpu_unsecure_channel=""))
+  assert list(ProfilePlugin(context).generate_runs()) == [traces[0].parent.name]

@@ -11,7 +11,7 @@ Layouts. HF `nn.Linear` weights are [out, in] and compute x @ W.T; famjax stores
 input axes first (famjax.model.params), e.g. q [D, N, H] = W_q.T.reshape(D, N, H) and
 o [N, H, D] = W_o.T.reshape(N, H, D). Per-layer tensors `model.layers.{i}.*` are stacked on a leading
 layer axis. HF Llama already uses the rotate-half RoPE convention, so q and k need no permutation.
-The whole name mapping is the two tables GLOBAL_WEIGHTS and LAYER_WEIGHTS below.
+The whole name mapping is the two tables GLOBAL_WEIGHTS and LAYER_WEIGHTS (from LAYER_HF_NAMES) below.
 
 Only safetensors are read: unpickling a downloaded `pytorch_model.bin` can run arbitrary code.
 """
@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from famjax.model import ModelConfig, Transformer, param_shapes
+from famjax.model.params import PROJECTIONS
 
 # -- the tables ------------------------------------------------------------------------------------
 
@@ -51,17 +52,21 @@ GLOBAL_WEIGHTS = {
     "fam_prompt": ("model.fam_prompt", None),  # famjax's only new weight, written by to_hf
 }
 LAYER_PREFIX = "model.layers.{i}."
-LAYER_WEIGHTS = {  # HF names after LAYER_PREFIX
-    "attn_norm": ("input_layernorm.weight", None),
-    "q": ("self_attn.q_proj.weight", 1),       # famjax [D, N, H] <- HF [N*H, D]
-    "k": ("self_attn.k_proj.weight", 1),       # famjax [D, K, H] <- HF [K*H, D]
-    "v": ("self_attn.v_proj.weight", 1),
-    "o": ("self_attn.o_proj.weight", 2),       # famjax [N, H, D] <- HF [D, N*H]
-    "mlp_norm": ("post_attention_layernorm.weight", None),
-    "gate": ("mlp.gate_proj.weight", 1),       # famjax [D, M] <- HF [M, D]
-    "up": ("mlp.up_proj.weight", 1),
-    "down": ("mlp.down_proj.weight", 1),       # famjax [M, D] <- HF [D, M]
+LAYER_HF_NAMES = {  # famjax layer parameter -> HF name after LAYER_PREFIX
+    "attn_norm": "input_layernorm.weight",
+    "q": "self_attn.q_proj.weight",       # famjax [D, N, H] <- HF [N*H, D]
+    "k": "self_attn.k_proj.weight",       # famjax [D, K, H] <- HF [K*H, D]
+    "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight",       # famjax [N, H, D] <- HF [D, N*H]
+    "mlp_norm": "post_attention_layernorm.weight",
+    "gate": "mlp.gate_proj.weight",       # famjax [D, M] <- HF [M, D]
+    "up": "mlp.up_proj.weight",
+    "down": "mlp.down_proj.weight",       # famjax [M, D] <- HF [D, M]
 }
+# famjax layer parameter -> (HF name, input axes), as in GLOBAL_WEIGHTS. The input axes of the
+# projections are famjax.model.params.PROJECTIONS; the norm scales (None) have the same layout in both.
+LAYER_WEIGHTS = {param: (name, PROJECTIONS.get(param)) for param, name in LAYER_HF_NAMES.items()}
+assert set(PROJECTIONS) <= set(LAYER_WEIGHTS), "every projection weight needs an HF name"
 # Buffers some checkpoints carry that famjax recomputes; skipped silently.
 _IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 

@@ -79,6 +79,8 @@ TRAIN_TOTAL_TASKS = {
     "passkey_random_small": ((64, 128, 256, 512), RANDOM),
     "passkey_repeated_small": ((64, 128, 256, 512), REPEATED),
     "passkey_random_512": ((512,), RANDOM),
+    # The curriculum's second stage (docs/passkey_small.md): rows of 2 to 64 blocks of 32.
+    "passkey_random_2k": ((64, 128, 256, 512, 1024, 2048), RANDOM),
 }
 
 

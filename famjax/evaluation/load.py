@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from famjax.conversion import from_hf
 from famjax.model import Transformer
+from famjax.workdir import WorkdirError, layout
+from famjax.workdir import model as workdir_model
 
 WORKDIR, HF = "famjax workdir", "Hugging Face directory"
 HF_OVERRIDES = ("attention", "block_size", "mem_segments", "fam_len")
@@ -66,10 +68,12 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
     raise LoadError(f"{path}: unknown model overrides {unknown} (known: {list(HF_OVERRIDES)})")
   if not path.exists():
     raise LoadError(f"{path}: no such directory")
-  step = None
-  if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.json").is_file():
-    path, step = path.parent.parent, int(path.name)  # WORKDIR/checkpoints/STEP: that checkpoint
-  config_file = path / "config.json"
+  workdir, step = layout.split_step(path)  # WORKDIR/checkpoints/STEP: that checkpoint
+  if step is not None and (workdir / layout.CONFIG).is_file():
+    path = workdir
+  else:
+    step = None
+  config_file = path / layout.CONFIG
   if not path.is_dir() or not config_file.is_file():
     raise LoadError(f"{path}: neither a famjax workdir nor a Hugging Face directory (no config.json)")
   try:
@@ -77,7 +81,7 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
   except (ValueError, OSError) as e:
     raise LoadError(f"{config_file}: unreadable ({e})") from None
   name = name or path.name
-  if isinstance(config, dict) and isinstance(config.get("model"), dict):
+  if layout.is_run_config(config):
     return dataclasses.replace(_workdir_source(name, path, config, vocabulary), step=step)
   if isinstance(config, dict) and "model_type" in config:
     return ModelSource(name, path, HF, vocabulary or _hf_vocabulary(path, config),
@@ -87,10 +91,8 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
 
 
 def _workdir_source(name, path: Path, config: dict, vocabulary: str) -> ModelSource:
-  checkpoints = path / "checkpoints"
-  steps = [p for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.is_dir() else []
-  if not steps:
-    raise LoadError(f"{path}: no checkpoint to read (no step directory in {checkpoints})")
+  if not layout.steps(path):
+    raise LoadError(f"{path}: no checkpoint to read (no step directory in {path / layout.CHECKPOINTS})")
   data = config.get("data") if isinstance(config.get("data"), dict) else {}
   return ModelSource(name, path, WORKDIR, vocabulary or data.get("vocabulary", BYTE_VOCABULARY),
                      (), config)
@@ -109,7 +111,7 @@ def _hf_vocabulary(path: Path, config: dict) -> str:
 def load(source: ModelSource) -> tuple[Transformer, dict]:
   """(model, info) with info = {name, path, kind, vocabulary, step (workdirs), model (its config)}."""
   if source.kind == WORKDIR:
-    model, step = _load_workdir(source.path, source.config, source.step)
+    model, step = _load_workdir(source.path, source.step)
   else:
     model, step = _load_hf(source.path, dict(source.overrides)), None
   info = {"name": source.name, "path": str(source.path), "kind": source.kind,
@@ -119,18 +121,11 @@ def load(source: ModelSource) -> tuple[Transformer, dict]:
   return model, info
 
 
-def _load_workdir(path: Path, config: dict, step: Optional[int] = None) -> tuple[Transformer, int]:
-  # Imported here: checking paths (describe) should not pay for Orbax and the trainer.
-  from famjax.training import export  # pylint: disable=import-outside-toplevel
-  from famjax.training.config import ConfigError, job_config  # pylint: disable=import-outside-toplevel
-  raw = dict(config)
-  raw["mesh"] = {"data": -1, "fsdp": 1, "tensor": 1}  # whatever devices this machine has
+def _load_workdir(path: Path, step: Optional[int] = None) -> tuple[Transformer, int]:
   try:
-    job = job_config(raw)
-    step, params = export.restore_params(job, path, step)
-  except ConfigError as e:
-    raise LoadError(f"{path}: {str(e).replace(f'--workdir {path}', '').strip(': ')}") from None
-  return Transformer(job.model, params=params), int(step)
+    return workdir_model.load_model(path, step)
+  except WorkdirError as e:
+    raise LoadError(str(e).splitlines()[0]) from None
 
 
 def _load_hf(path: Path, overrides: dict) -> Transformer:

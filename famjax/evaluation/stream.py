@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from famjax.evaluation.progress import Progress
-from famjax.inference.generate import decode
+from famjax.inference.generate import chunk_bounds, decode
+from famjax.inference.generate import read_prompt as _read_prompt
 from famjax.model import ModelConfig, StreamState, Transformer
 
 BOS_ID = 0
@@ -37,23 +38,6 @@ def rows_per_call(chunk_size: int, vocab_size: int, budget_bytes: int = LOGITS_B
   return max(1, budget_bytes // (4 * chunk_size * vocab_size))
 
 
-def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
-  """(start, end) of the stream calls that read `length` tokens: whole chunks of `chunk_size`, then the
-  remainder as descending powers of two. Every call length is then chunk_size or a power of two, so a
-  task whose texts all differ in length compiles at most log2(chunk_size) + 2 programs, not one per
-  remainder."""
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-  whole = length - length % chunk_size
-  bounds = [(start, start + chunk_size) for start in range(0, whole, chunk_size)]
-  start, rest = whole, length - whole
-  while rest:
-    size = 1 << (rest.bit_length() - 1)
-    bounds.append((start, start + size))
-    start, rest = start + size, rest - size
-  return bounds
-
-
 def with_bos(ids: Sequence[int], bos_id: Optional[int] = BOS_ID) -> np.ndarray:
   """[BOS] + ids as int32 (ids unchanged when bos_id is None)."""
   ids = np.asarray(ids, np.int32).reshape(-1)
@@ -62,17 +46,10 @@ def with_bos(ids: Sequence[int], bos_id: Optional[int] = BOS_ID) -> np.ndarray:
 
 def read_prompt(model: Transformer, tokens: np.ndarray, chunk_size: int,
                 progress: Optional[Progress] = None) -> tuple[jax.Array, StreamState]:
-  """Streams `tokens` [B, T] (T >= 1) in chunks; returns the last position's logits [B, V] and the state."""
+  """Streams `tokens` [B, T] (T >= 1) in chunks; returns the last position's logits [B, V] and the state.
+  famjax.inference.generate.read_prompt after checking the ids, with `progress` advanced per chunk."""
   tokens = _check_tokens(model, tokens)
-  state = model.init_state(tokens.shape[0])
-  logits = None
-  for start, end in chunk_bounds(tokens.shape[1], chunk_size):
-    chunk = tokens[:, start:end]
-    logits, state = model.stream(chunk, state)
-    logits = jax.block_until_ready(logits[:, -1])  # one chunk in flight: honest progress, bounded memory
-    if progress is not None:
-      progress.advance(chunk.size)
-  return logits, state
+  return _read_prompt(model, tokens, chunk_size, None if progress is None else progress.advance)
 
 
 def greedy_continue(model: Transformer, state: StreamState, last_logits: jax.Array, max_new_tokens: int,

@@ -10,6 +10,7 @@ import dataclasses
 import enum
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,8 +23,16 @@ class AttentionKind(str, enum.Enum):
   FAM = "fam"  # BSWA + the layer's feedback attention memory of `fam_len` rows
 
 
-# Remat (activation checkpointing) policies for the scan over layers, by name.
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv_proj")
+# Remat (activation checkpointing) of the scan over layers: policy name -> what `jax.checkpoint` saves
+# (its `policy`; None saves nothing, so the whole layer is recomputed). "none" turns remat off. "qkv" is
+# the name famjax.model.fam gives the q/k/v projections with `checkpoint_name`.
+REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
+}
+REMAT_POLICIES = ("none", *REMAT)
 
 
 def _as_dtype(name: str, value: Any) -> Any:

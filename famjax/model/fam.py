@@ -10,7 +10,12 @@ The execution order (spec §9):
   2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block;
   3. the block attention of every block at once, given the FAM each block saw;
   4. the output projection and MLP of all tokens (in `decoder_layer`).
-No L x L score matrix exists: scores are [blocks, B, (m+1)*B + F], memory O(L * (m+1) * B).
+No L x L score matrix exists: per row and head the scores are [blocks, S, (m+1)*S + F], memory
+O(L * (m+1) * S).
+
+Letters in the shapes of this file: B batch (as in the einsum strings, where T is tokens), S block size,
+C blocks of a chunk, m memory blocks, F FAM length, D model width, N query heads, K key/value heads,
+H head size, n new tokens of a chunk.
 
 Rotary positions (spec §5): every angle is computed from a position relative to the start of the block
 whose queries use it, so angles stay small and exact on unbounded streams. Keys are kept unrotated in the

@@ -1,6 +1,6 @@
 """Parameter shapes, logical axis names and initialisation of a famjax decoder.
 
-The parameter tree (what `famjax.model.params_to_dict` returns) is:
+The parameter tree (what `famjax.Transformer.params_dict()` returns, and `init_params` builds) is:
 
   embed        [V, D]                      token embedding (also the output matrix when tied)
   final_norm   [D]                         RMSNorm scale before the logits
@@ -21,6 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from famjax.model.config import ModelConfig
+
+# The projection (matrix) weights of a layer: name -> number of input axes after the layer axis, i.e. a
+# weight [L, *in, *out] computes x @ W over its `in` axes (q [L, D, N, H]: 1; o [L, N, H, D]: 2). The one
+# table of them: LoRA's targets and adapter split (famjax.training) and the HF Linear layouts
+# (famjax.conversion.hf) are derived from it.
+PROJECTIONS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 # Logical axis names of every parameter; one table so sharding rules have one place to look.
 LOGICAL_AXES = {

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from famjax.model import params as params_lib
-from famjax.model.config import ModelConfig
+from famjax.model.config import REMAT, ModelConfig
 from famjax.model.fam import ChunkInfo, LayerContext, decoder_layer, prompt_pass
 from famjax.model.layers import rms_norm
 
@@ -54,14 +54,6 @@ class StreamState:
   @property
   def fam_state(self) -> FamState:
     return FamState(self.fam, self.fam_from_prompt)
-
-
-_REMAT = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
-}
 
 
 # Logical axis names of the activations, for `forward`'s `constrain` (mapped by famjax.parallel's rules).
@@ -126,7 +118,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
     return constrain(x, ACTIVATION_AXES), ctx
 
   if cfg.remat != "none":
-    layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat], prevent_cse=False)
+    layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
   contexts = LayerContext(state.k, state.v, state.fam.astype(dtype))
   x, contexts = jax.lax.scan(layer, x, (params["layers"], contexts))
 

@@ -4,7 +4,8 @@ One frozen dataclass per concern (the run, the optimizer, LoRA, the FAM training
 the model's own ModelConfig); `job_config(config_dict)` builds them all and raises `ConfigError`, a
 one-line message naming the offending field (`config.model.fam_len`, `config.optimizer.name`, ...), for an
 unknown key, a value of the wrong type or an invalid value. Every field is documented in configs/base.py.
-The `data` section is passed through as a plain dict: famjax.data validates it (see famjax/train.py).
+The `data` section is a DataSection: the fields the trainer reads, typed here, and the rest for the data
+package, which validates the whole section at the edge (famjax/train_data.py) before anything compiles.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import typing
 from typing import Any, Mapping
 
 from famjax.model import ModelConfig
+from famjax.model.params import PROJECTIONS
 from famjax.parallel import MeshConfig
 
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_TARGETS = tuple(PROJECTIONS)  # every projection weight of famjax.model.params
 
 
 class ConfigError(ValueError):
@@ -39,13 +41,47 @@ class TrainConfig:
   init_from: str | None = None
   z_loss: float = 0.0
   tensorboard: bool = True
+  # Evaluation during training (docs/training.md): every `eval_every` steps (0: off), the loss and
+  # accuracy on `eval_steps` batches (0: none) of `eval_mixture`'s validation split ("": the training
+  # mixture's),
+  # and PassKey exact match at `eval_passkey_lengths` ("1k,4k"; "": none) on the streaming path.
+  eval_every: int = 0
+  eval_steps: int = 20
+  eval_mixture: str = ""
+  eval_passkey_lengths: str = ""
+  eval_passkey_examples: int = 8
+  eval_passkey_format: str = "paper"
+  # A JAX profiler trace of steps START..STOP ("20,25"; "": none) in WORKDIR/tensorboard.
+  profile_steps: str = ""
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints"):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "keep_checkpoints", "eval_passkey_examples"):
       _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+    _check(self.eval_steps >= 0, "eval_steps", "must be >= 0 (0: no loss evaluation, PassKey only)",
+           self.eval_steps)
     _check(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)",
            self.checkpoint_every)
     _check(self.z_loss >= 0, "z_loss", "must be >= 0", self.z_loss)
+    _check(self.eval_every >= 0, "eval_every", "must be >= 0 (0: no evaluation during training)",
+           self.eval_every)
+    self.profile_range  # pylint: disable=pointless-statement  # validates profile_steps
+
+  @property
+  def profile_range(self) -> tuple[int, int] | None:
+    """(first, last) step of the profile (1-based, inclusive), or None."""
+    if not self.profile_steps.strip():
+      return None
+    parts = self.profile_steps.split(",")
+    ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+    _check(ok, "profile_steps", "must be 'START,STOP' (two step numbers) or ''", self.profile_steps)
+    first, last = (int(p) for p in parts)
+    _check(1 <= first <= last <= self.steps, "profile_steps",
+           f"must lie inside the run: 1 <= START <= STOP <= steps={self.steps}", self.profile_steps)
+    return first, last
+
+  @property
+  def evaluates(self) -> bool:
+    return self.eval_every > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +162,34 @@ class FamTrainingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataSection:
+  """The data section as famjax.training sees it. The trainer reads the typed fields; `options` holds
+  the section's other fields (vocabulary, packing, weights, sources, ...), which famjax.data.DataConfig
+  validates at the edge (famjax/train_data.py). The defaults are DataConfig's (a test checks)."""
+
+  mixture: str = "famjax_demo"
+  mask_between_examples: bool = False
+  pack_align: int = 1
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    _check(self.pack_align >= 1, "pack_align", "must be >= 1", self.pack_align)
+
+  @classmethod
+  def from_dict(cls, raw: Mapping[str, Any]) -> "DataSection":
+    typed = {f.name for f in dataclasses.fields(cls)} - {"options"}
+    section = _build(cls, {k: v for k, v in raw.items() if k in typed}, "config.data")
+    return dataclasses.replace(section, options={k: v for k, v in raw.items() if k not in typed})
+
+  def to_dict(self) -> dict:
+    """The section as in the config: the typed fields and the options, flat."""
+    return {**self.options, "mixture": self.mixture, "mask_between_examples": self.mask_between_examples,
+            "pack_align": self.pack_align}
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
-  """Everything a training job needs, validated. `data` is the raw data section (see famjax/train.py)."""
+  """Everything a training job needs, validated."""
 
   model: ModelConfig
   train: TrainConfig
@@ -135,18 +197,19 @@ class JobConfig:
   lora: LoraConfig
   fam: FamTrainingConfig
   mesh: MeshConfig
-  data: dict
+  data: DataSection
 
   def to_dict(self) -> dict:
     """JSON-able, in the shape of the ConfigDict it came from (config.json in the workdir)."""
     out = {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
     out.update(dataclasses.asdict(self.train))
-    out["data"] = dict(self.data)
+    out["data"] = self.data.to_dict()
     return json.loads(json.dumps(out))  # tuples -> lists: equal to what config.json reads back
 
 
 _SECTIONS = {"model": ModelConfig, "optimizer": OptimizerConfig, "lora": LoraConfig,
              "fam": FamTrainingConfig, "mesh": MeshConfig}
+_DEFAULTS = {**_SECTIONS, "data": DataSection}  # the defaults of fields an older config.json lacks
 
 
 def train_config(raw: Mapping[str, Any]) -> TrainConfig:
@@ -154,11 +217,18 @@ def train_config(raw: Mapping[str, Any]) -> TrainConfig:
   return _build(TrainConfig, {k: v for k, v in raw.items() if not isinstance(v, Mapping)}, "config")
 
 
-def job_config(config: Mapping[str, Any], data_vocab_size=None) -> JobConfig:
+def model_config(raw: Mapping[str, Any]) -> ModelConfig:
+  """A ModelConfig from a model section, type-checked; ConfigError naming config.model.<field>."""
+  return _build(ModelConfig, raw, "config.model")
+
+
+def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
+               train: TrainConfig | None = None) -> JobConfig:
   """Validated JobConfig from a ConfigDict (or plain dict) in the layout of configs/base.py.
 
-  `data_vocab_size`: a callable giving the data vocabulary's size, used when model.vocab_size is 0 and to
-  check that the model covers the vocabulary. Raises ConfigError naming the field.
+  `vocab_size`: the data vocabulary's size, taken when model.vocab_size is 0 and checked against it
+  otherwise. `train`: the run's TrainConfig when the caller has built it already (train_config).
+  Raises ConfigError naming the field.
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -169,20 +239,21 @@ def job_config(config: Mapping[str, Any], data_vocab_size=None) -> JobConfig:
   for key in set(_SECTIONS) | {"data"}:
     if not isinstance(raw.get(key, {}), Mapping):
       raise ConfigError(f"config.{key}: must be a section (a ConfigDict), got {raw[key]!r}")
-  train = _build(TrainConfig, {k: v for k, v in raw.items() if k in train_fields}, "config")
+  if train is None:
+    train = _build(TrainConfig, {k: v for k, v in raw.items() if k in train_fields}, "config")
   model_raw = dict(raw.get("model", {}))
   vocab = model_raw.get("vocab_size", ModelConfig.vocab_size)
-  if vocab == 0 and data_vocab_size is not None:
-    model_raw["vocab_size"] = int(data_vocab_size())
+  if vocab == 0 and vocab_size is not None:
+    model_raw["vocab_size"] = int(vocab_size)
   sections = {name: _build(cls, raw.get(name, {}), f"config.{name}") for name, cls in _SECTIONS.items()
               if name != "model"}
   model = _build(ModelConfig, model_raw, "config.model")
-  if data_vocab_size is not None and vocab != 0 and model.vocab_size < data_vocab_size():
+  if vocab_size is not None and vocab != 0 and model.vocab_size < vocab_size:
     raise ConfigError(f"config.model.vocab_size={model.vocab_size} is smaller than the data vocabulary "
-                      f"({data_vocab_size()} ids); set it to 0 to take the vocabulary's size")
-  data = dict(raw.get("data", {}))
-  if data.get("mask_between_examples") and model.has_fam and data.get("pack_align", 1) % model.block_size:
-    raise ConfigError(f"config.data.pack_align={data.get('pack_align', 1)} must be a multiple of "
+                      f"({vocab_size} ids); set it to 0 to take the vocabulary's size")
+  data = DataSection.from_dict(raw.get("data", {}))
+  if data.mask_between_examples and model.has_fam and data.pack_align % model.block_size:
+    raise ConfigError(f"config.data.pack_align={data.pack_align} must be a multiple of "
                       f"model.block_size={model.block_size} when mask_between_examples is on with FAM: "
                       "each packed example restarts the FAM at a block boundary")
   return JobConfig(model=model, train=train, data=data, **sections)
@@ -191,7 +262,8 @@ def job_config(config: Mapping[str, Any], data_vocab_size=None) -> JobConfig:
 # Fields a resumed run may change; any other difference from the workdir's config.json is refused.
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
-    "model.remat",
+    "model.remat", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths",
+    "eval_passkey_examples", "eval_passkey_format", "profile_steps",
 })
 
 
@@ -215,7 +287,7 @@ def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[st
 def _default_of(name: str):
   """The default of a typed field named `name` ("steps", "fam.rsp_prob"), else "<absent>"."""
   section, _, field = name.rpartition(".")
-  cls = _SECTIONS.get(section) if section else TrainConfig
+  cls = _DEFAULTS.get(section) if section else TrainConfig
   fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
   if field not in fields or fields[field].default is dataclasses.MISSING:
     return "<absent>"

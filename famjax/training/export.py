@@ -1,35 +1,45 @@
-"""A trained run's weights for inference: LoRA merged into the base, as a Transformer or an HF directory.
+"""A trained run's weights, LoRA merged: sharded on the job's mesh (--mode=eval), or as a Hugging Face
+directory (--mode=export).
 
-  params = restore_params(job, workdir)[1]       # plain parameter dict, adapters merged
-  model = load_model(job, workdir)                # famjax.Transformer
+  step, params = restore_params(job, workdir)     # merged, placed as the trainer shards parameters
   export_hf(job, workdir, out_dir)                # Hugging Face safetensors (famjax.to_hf)
+
+Both first check that `workdir` holds a run of `job` (the fields that may not change on resume). Reading
+a run without its job config, on any process layout, is famjax.workdir.model.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 
 from famjax.conversion import to_hf
-from famjax.model import Transformer
-from famjax.training.checkpoint import Checkpointer
 from famjax.training.config import ConfigError, JobConfig, incompatible_fields
 from famjax.training.trainer import Trainer
+from famjax.workdir import WorkdirError, layout
+from famjax.workdir import model as workdir_model
+from famjax.workdir.checkpoint import Checkpointer
+
+
+def check_run(job: JobConfig, workdir) -> None:
+  """ConfigError unless `workdir` holds a run of `job`."""
+  try:
+    saved = layout.read_config(workdir)
+  except WorkdirError as e:
+    raise ConfigError(f"--workdir {e}") from None
+  differences = incompatible_fields(saved, job.to_dict())
+  if differences:
+    raise ConfigError(f"--workdir {workdir} holds a run of another config ({'; '.join(differences[:4])})")
 
 
 def restore_params(job: JobConfig, workdir, step: int | None = None) -> tuple[int, dict]:
-  """(step, merged parameters) of the newest good checkpoint of the run in `workdir`, or of `step`."""
+  """(step, merged parameters on the job's mesh) of the newest good checkpoint in `workdir`, or of
+  `step`."""
+  check_run(job, workdir)
   workdir = Path(workdir)
-  config_path = workdir / "config.json"
-  if not config_path.exists():
-    raise ConfigError(f"--workdir {workdir}: no run there (no config.json)")
-  differences = incompatible_fields(json.loads(config_path.read_text()), job.to_dict())
-  if differences:
-    raise ConfigError(f"--workdir {workdir} holds a run of another config ({'; '.join(differences[:4])})")
   trainer = Trainer(job)
-  ckpt = Checkpointer(workdir / "checkpoints", job.train.keep_checkpoints, async_save=False)
+  ckpt = Checkpointer(workdir / layout.CHECKPOINTS, job.train.keep_checkpoints, async_save=False)
   try:
     if step is None:
       restored = ckpt.restore_latest(trainer.abstract_state)
@@ -46,10 +56,12 @@ def restore_params(job: JobConfig, workdir, step: int | None = None) -> tuple[in
   return step, merge(state)
 
 
-def load_model(job: JobConfig, workdir) -> Transformer:
-  return Transformer(job.model, params=restore_params(job, workdir)[1])
-
-
 def export_hf(job: JobConfig, workdir, out_dir) -> Path:
-  """Write the merged weights as a Hugging Face Llama directory (with the FAM prompt and settings)."""
-  return Path(to_hf(load_model(job, workdir), out_dir))
+  """Write the merged weights of the newest checkpoint as a Hugging Face Llama directory (with the FAM
+  prompt and settings)."""
+  check_run(job, workdir)
+  try:
+    model, _ = workdir_model.load_model(workdir)
+  except WorkdirError as e:
+    raise ConfigError(f"--workdir {e}") from None
+  return Path(to_hf(model, out_dir))

@@ -18,16 +18,17 @@ import numpy as np
 from famjax.conversion import from_hf
 from famjax.conversion.hf import config_from_hf, initial_fam_prompt
 from famjax.model import ModelConfig
-from famjax.training import lora
-from famjax.training.checkpoint import load_raw
-from famjax.training.config import ConfigError, LoraConfig, _build
+from famjax.training.config import ConfigError, model_config
+from famjax.workdir import WorkdirError, layout
+from famjax.workdir import model as workdir_model
 
 # What the job decides; everything else about the model comes from the source.
 JOB_FIELDS = ("attention", "block_size", "mem_segments", "fam_len", "dtype", "param_dtype", "remat")
 
 
 def is_famjax_checkpoint(path: Path) -> bool:
-  return (path / "checkpoints").is_dir() or (path / "state").is_dir() or path.name == "checkpoints"
+  """A workdir, its checkpoints/ directory, or one step's directory."""
+  return (path / layout.CHECKPOINTS).is_dir() or (path / "state").is_dir() or path.name == layout.CHECKPOINTS
 
 
 def _job_overrides(job_model: ModelConfig) -> dict:
@@ -41,9 +42,8 @@ def source_model_config(path, job_model: ModelConfig) -> ModelConfig:
     raise ConfigError(f"config.init_from: {path} does not exist")
   try:
     if is_famjax_checkpoint(path):
-      _, source = _source_config(path)
-      fields = {**source, **_job_overrides(job_model)}
-      return _build(ModelConfig, fields, "config.model")
+      fields = {**_source_model_section(path), **_job_overrides(job_model)}
+      return model_config(fields)
     config_file = path / "config.json"
     if not config_file.is_file():
       raise ConfigError(f"config.init_from: {path} is neither a famjax checkpoint nor a Hugging Face "
@@ -55,14 +55,17 @@ def source_model_config(path, job_model: ModelConfig) -> ModelConfig:
     raise ConfigError(f"config.init_from: {str(e).splitlines()[0]}") from None
 
 
-def _source_config(path: Path) -> tuple[dict, dict]:
-  """(the source job's config dict, its model section) of a famjax checkpoint or workdir."""
+def _source_model_section(path: Path) -> dict:
+  """The model section of a famjax run's config (its config.json, else the newest checkpoint's)."""
   path = path.absolute()
-  for candidate in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
-    if candidate.is_file() and "model" in (config := json.loads(candidate.read_text())):
-      return config, config["model"]
-  _, config = load_raw(path)
-  return config, config["model"]
+  for candidate in (path, path.parent, path.parent.parent):
+    try:
+      config = layout.read_config(candidate)
+    except WorkdirError:
+      continue
+    if layout.is_run_config(config):
+      return config["model"]
+  return workdir_model.restore_params(path)[2]["model"]
 
 
 def load_params(path, model_cfg: ModelConfig) -> dict:
@@ -70,10 +73,10 @@ def load_params(path, model_cfg: ModelConfig) -> dict:
   path = Path(path)
   if not is_famjax_checkpoint(path):
     return from_hf(path, **_job_overrides(model_cfg)).params_dict()
-  state, config = load_raw(path)
-  source_lora = LoraConfig(**{**config.get("lora", {}), "targets": tuple(config.get("lora", {}).get(
-      "targets", ()))})
-  params = lora.combine(state["trainable"], state.get("frozen") or {}, source_lora)
+  try:
+    params = workdir_model.restore_params(path)[1]
+  except WorkdirError as e:
+    raise ConfigError(f"config.init_from: {e}") from None
   params = jax.tree.map(lambda x: jnp.asarray(x, model_cfg.storage_dtype), params)
   want = (model_cfg.fam_len, model_cfg.d_model)
   if not (model_cfg.has_fam and "fam_prompt" in params and params["fam_prompt"].shape == want):

@@ -3,8 +3,8 @@
 A target weight W [L, *in, *out] gets adapters A [L, *in, r] and B [L, r, *out]; the effective weight is
 W + (alpha / r) * A @ B. B starts at zero, so training starts from the base model exactly. The paper
 (spec §7) trains rank-64 adapters on the attention and MLP projections plus the FAM prompt, base frozen,
-and merges the adapters into the weights for inference: `merge` gives a plain parameter dict for
-`famjax.Transformer(cfg, params=...)` or `famjax.to_hf`.
+and merges the adapters into the weights for inference: `merge` (the math is famjax.model.lora's) gives
+a plain parameter dict for `famjax.Transformer(cfg, params=...)` or `famjax.to_hf`.
 
 The parameters are split into what the optimizer trains and what stays frozen:
   LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM)}; frozen = the rest
@@ -18,11 +18,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from famjax.model.params import LOGICAL_AXES
+from famjax.model import lora as lora_math
+from famjax.model.params import LOGICAL_AXES, PROJECTIONS
 from famjax.training.config import LoraConfig
 
-# Number of input axes (after the layer axis) of each target, as in famjax.conversion.hf.LAYER_WEIGHTS.
-IN_AXES = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+# Number of input axes (after the layer axis) of each target: famjax.model.params.PROJECTIONS.
+IN_AXES = PROJECTIONS
 
 
 def adapter_shapes(layer_shapes: dict, cfg: LoraConfig) -> dict:
@@ -61,24 +62,6 @@ def init_adapters(layers: dict, cfg: LoraConfig, key: jax.Array) -> dict:
   return out
 
 
-def delta(a: jax.Array, b: jax.Array, scale: float, shape: tuple, dtype) -> jax.Array:
-  """scale * A @ B reshaped to the weight's `shape` [L, *in, *out], computed in `dtype`."""
-  L, r = a.shape[0], a.shape[-1]
-  a2 = a.reshape(L, -1, r).astype(dtype)
-  b2 = b.reshape(L, r, -1).astype(dtype)
-  return (scale * jnp.einsum("LIR,LRO->LIO", a2, b2)).reshape(shape)
-
-
-def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
-  """params with every adapted weight replaced by W + scale * A @ B (in `dtype`, default W's dtype)."""
-  layers = dict(params["layers"])
-  for name, ab in adapters.items():
-    w = layers[name]
-    dt = w.dtype if dtype is None else dtype
-    layers[name] = w.astype(dt) + delta(ab["a"], ab["b"], cfg.scale, w.shape, dt)
-  return {**params, "layers": layers}
-
-
 def split(params: dict, cfg: LoraConfig, key: jax.Array) -> tuple[dict, dict]:
   """(trainable, frozen) of fresh parameters, see the module docstring."""
   if not cfg.enabled:
@@ -88,6 +71,11 @@ def split(params: dict, cfg: LoraConfig, key: jax.Array) -> tuple[dict, dict]:
   if "fam_prompt" in frozen:
     trainable["fam_prompt"] = frozen.pop("fam_prompt")
   return trainable, frozen
+
+
+def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
+  """params with every adapted weight replaced by W + scale * A @ B (famjax.model.lora.merge)."""
+  return lora_math.merge(params, adapters, cfg.scale, dtype)
 
 
 def combine(trainable: dict, frozen: dict, cfg: LoraConfig, dtype=None) -> dict:

@@ -2,7 +2,8 @@
 
 metrics.jsonl has one JSON object per logged step: step, loss, learning_rate, grad_norm,
 tokens_per_second, mfu, step_time, loss_avg (the mean loss since the previous record), and the step's
-other metrics (ce, z_loss, accuracy, ...). On resume
+other metrics (ce, z_loss, accuracy, ...); at an evaluation step also eval_loss, eval_accuracy and
+eval_passkey_<length> (exact match in [0, 1]). On resume
 the lines after the restored step are dropped, so the file is always one consistent history.
 """
 
@@ -15,6 +16,8 @@ import sys
 from pathlib import Path
 
 from famjax.training.tensorboard import EventWriter
+
+PASSKEY_PREFIX = "eval_passkey_"  # + a length ("1k"): PassKey exact match in [0, 1] during training
 
 
 def format_duration(seconds: float) -> str:
@@ -32,9 +35,15 @@ def progress_line(step: int, total: int, m: dict, eta: float, width: int = 20) -
   filled = int(width * step / max(total, 1))
   bar = "#" * filled + "." * (width - filled)
   avg = f" (avg {m['loss_avg']:.4f})" if "loss_avg" in m else ""
-  return (f"[{bar}] step {step}/{total} | loss {m['loss']:.4f}{avg} | "
+  line = (f"[{bar}] step {step}/{total} | loss {m['loss']:.4f}{avg} | "
           f"{m['tokens_per_second']:,.0f} tok/s | "
           f"{m['step_time']:.3g} s/step | MFU {100 * m['mfu']:.1f}% | ETA {format_duration(eta)}")
+  if "eval_loss" in m:
+    line += f" | eval loss {m['eval_loss']:.4f} acc {100 * m['eval_accuracy']:.1f}%"
+  passkey = [f"{k[len(PASSKEY_PREFIX):]} {100 * v:.0f}%" for k, v in m.items() if k.startswith(PASSKEY_PREFIX)]
+  if passkey:
+    line += " | passkey " + " ".join(passkey)
+  return line
 
 
 def truncate_history(path: Path, last_step: int) -> None:

@@ -1,5 +1,6 @@
 """One training step as a pure function of (TrainState, batch): RPO and RSP (spec §6), the weighted loss,
-gradients of the trainable parameters only, the optimizer update.
+gradients of the trainable parameters only, the optimizer update. And its evaluation twin, eval_sums: the
+same forward without RSP or RPO.
 
 Mixed precision: the master parameters (and optimizer state) stay in their storage dtype (float32);
 the model casts them to its compute dtype (bfloat16) inside the forward, so gradients arrive in float32.
@@ -94,3 +95,17 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
 
   return train_step
+
+
+def eval_sums(params: dict, cfg: ModelConfig, batch: dict, *, mask_between_examples: bool,
+              constrain=None) -> jax.Array:
+  """float32 [3]: a batch's weighted CE sum, weighted correct-prediction sum and weight sum, with the
+  training forward (token masks, masked packing, sharding) from the learned FAM prompt (no RSP, RPO)."""
+  inputs = batch["inputs"]
+  state = transformer.empty_state(params, cfg, inputs.shape[0])
+  segments = batch.get("segment_ids")
+  logits, _ = transformer.forward(
+      params, cfg, inputs, state, max_pending=0, token_mask=None if segments is None else segments > 0,
+      segment_ids=segments if mask_between_examples else None, constrain=constrain)
+  _, m = weighted_cross_entropy(logits, batch["targets"], batch["weights"])
+  return jnp.stack([m["ce"] * m["weight_sum"], m["accuracy"] * m["weight_sum"], m["weight_sum"]])

@@ -17,11 +17,11 @@ import numpy as np
 from famjax.model import ModelConfig, init_params
 from famjax.parallel import (activation_constraint, batch_sharding, make_mesh, mirror_shardings, replicated,
                              tree_shardings)
-from famjax.training.checkpoint import abstract_like
 from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig
 from famjax.training.optimizer import learning_rate_schedule, make_optimizer
 from famjax.training.state import TrainState, model_logical_axes, new_state, state_logical_axes
-from famjax.training.step import make_train_step
+from famjax.training.step import eval_sums, make_train_step
+from famjax.workdir.checkpoint import abstract_like
 
 BATCH_KEYS = ("inputs", "targets", "weights", "segment_ids")
 
@@ -46,7 +46,7 @@ class StepSpec:
   def of(cls, job: JobConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
     t = job.train
     return cls(job.model, job.lora, job.fam, job.optimizer, t.steps, t.batch_size, t.seq_len, t.z_loss,
-               bool(job.data.get("mask_between_examples")), mesh)
+               job.data.mask_between_examples, mesh)
 
 
 class Programs:
@@ -86,6 +86,16 @@ class Programs:
                                                    sharding=self.batch_shardings[k]) for k in BATCH_KEYS}
     self.step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_shardings),
                         out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+
+    def state_eval_sums(state, batch):  # evaluation during training: the state's merged parameters
+      return eval_sums(state.params(spec.lora, cfg.compute_dtype), cfg, batch,
+                       mask_between_examples=spec.mask_between_examples,
+                       constrain=activation_constraint(mesh))
+
+    self.eval_sums = jax.jit(state_eval_sums, in_shardings=(self.state_shardings, self.batch_shardings),
+                             out_shardings=replicated(mesh))
+    self.merged_params = jax.jit(lambda state: state.params(spec.lora), in_shardings=(self.state_shardings,),
+                                 out_shardings=self.param_shardings)
     self.compiled_step = None
 
   def compile(self) -> float:
@@ -126,6 +136,22 @@ class Trainer:
   def compile(self) -> float:
     return self.programs.compile()
 
+  def memory_summary(self) -> str:
+    """One line: the compiled step's memory per device (XLA's memory_analysis), or "" if unknown."""
+    compiled = self.programs.compiled_step
+    try:
+      m = compiled.memory_analysis() if compiled is not None else None
+    except Exception:  # pylint: disable=broad-except  # not every backend reports it
+      m = None
+    if m is None:
+      return ""
+    gib = lambda n: f"{n / 2**30:.3g} GiB"  # noqa: E731
+    sizes = {name: getattr(m, f"{name}_size_in_bytes", 0) for name in
+             ("argument", "output", "alias", "temp", "generated_code")}
+    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]
+    return (f"step memory per device (XLA): {gib(peak)} = arguments {gib(sizes['argument'])} + outputs "
+            f"{gib(sizes['output'])} - donated {gib(sizes['alias'])} + temporaries {gib(sizes['temp'])}")
+
   def global_batch(self, local: dict) -> dict:
     """Per-host numpy arrays -> global arrays on the mesh (the batch's rows split over data and fsdp)."""
     B, T = self.job.train.batch_size, self.job.train.seq_len
@@ -143,3 +169,11 @@ class Trainer:
   def step(self, state: TrainState, batch: dict):
     fn = self.programs.compiled_step or self.programs.step
     return fn(state, batch)
+
+  def eval_sums(self, state: TrainState, batch: dict) -> jax.Array:
+    """famjax.training.step.eval_sums of a global batch with the state's parameters (nothing donated)."""
+    return self.programs.eval_sums(state, batch)
+
+  def params(self, state: TrainState) -> dict:
+    """The state's parameters, LoRA merged, sharded as the model's."""
+    return self.programs.merged_params(state)

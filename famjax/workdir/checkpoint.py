@@ -20,6 +20,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from famjax.workdir.layout import CORRUPT
+
 ITEMS = ("state", "data", "config")
 
 
@@ -38,7 +40,7 @@ class Checkpointer:
                                            enable_async_checkpointing=self.async_save)
     return ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
-  def steps(self) -> list[int]:
+  def steps(self) -> list[int]:  # what Orbax considers complete (famjax.workdir.layout.steps: by name)
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, data_state: dict, config: dict) -> None:
@@ -70,7 +72,7 @@ class Checkpointer:
     return None
 
   def _set_aside(self, step: int) -> Path:
-    target = self.directory.parent / "checkpoints_corrupt" / f"{step}.{int(time.time())}"
+    target = self.directory.parent / CORRUPT / f"{step}.{int(time.time())}"
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(self.directory / str(step)), target)
     self._manager.close()
@@ -87,19 +89,10 @@ def abstract_like(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_raw(path) -> tuple[dict, dict]:
-  """(state as nested dicts of numpy-backed arrays, config dict) of a famjax checkpoint, without knowing
-  its structure. `path`: a workdir, its checkpoints/ directory, or one step directory (default: the
-  newest step)."""
-  path = Path(path).absolute()
-  if (path / "checkpoints").is_dir():
-    path = path / "checkpoints"
-  if not (path / "state").is_dir():
-    steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
-    if not steps:
-      raise FileNotFoundError(f"no famjax checkpoint in {path}")
-    path = path / str(steps[-1])
+def load_raw(step_dir) -> tuple[dict, dict]:
+  """(state as nested dicts of host arrays, config dict) of one checkpoint directory
+  (WORKDIR/checkpoints/STEP), restored as saved, without knowing the TrainState's structure."""
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = checkpointer.restore(path, args=ocp.args.Composite(
+  restored = checkpointer.restore(Path(step_dir).absolute(), args=ocp.args.Composite(
       state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
   return restored.state, restored.config

@@ -1,0 +1,140 @@
+"""Will it fit? Per-device memory of a job's training step on a (data, fsdp, tensor) mesh.
+
+Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, docs/launch.md):
+
+* `compiled_bytes(job)`: the step compiled ahead of time on this process's devices from abstract inputs
+  (jax.ShapeDtypeStruct with the job's shardings: nothing is allocated); XLA's memory_analysis() gives
+  the per-device bytes: arguments (the train state and the batch) + temporaries + outputs not aliased to
+  donated inputs, at the config's full depth (the layers are scanned, so a 56-layer step compiles in
+  about the time of a 2-layer one). On simulated CPU devices these are XLA:CPU's buffer assignments; the
+  TPU compiler fuses more (e.g. the softmax over the scores) and would usually need less, not more.
+* `estimate(job, sizes)`: a formula, no compiling: the train state exactly (every array's shard under
+  famjax's sharding rules on the mesh), the gradients of the trained arrays, the merged LoRA weights
+  (compute dtype) and their gradient (float32), the layer inputs that full remat keeps (one [b, T, D] per
+  layer), and the larger of the two activation peaks of the step: the loss (the float32 logits and their
+  gradient, the gathered output matrix) or one layer's backward (the attention scores of every block, the
+  MLP hidden activations, the layer's gathered weights), with the number of live copies XLA:CPU keeps of
+  each (ACTIVATION_COPIES: partly read from its buffer assignments, partly fitted). Against the 13
+  compiles of the paper configs in docs/launch.md it is within 5%; tests/test_memory_fit.py checks it
+  against compiles of small configs it was not fitted to.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import numpy as np
+
+from famjax.model import init_params
+from famjax.parallel import MESH_AXES, logical_to_spec, make_mesh
+from famjax.training.config import JobConfig
+from famjax.training.optimizer import make_optimizer
+from famjax.training.state import model_logical_axes, new_state, state_logical_axes
+
+# Live copies XLA:CPU keeps at a layer's backward, in units of one float32 array: the attention scores of
+# all blocks (f32 scores, their gradient and softmax intermediates, a bf16 copy and the boolean mask: read
+# from the buffer assignments of the 1B and 24B steps), the MLP's [b, T, mlp] activations and their
+# gradients, and the layer's weights gathered over fsdp (counted as an f32 + compute-dtype pair each).
+# The last two, and LAYER_INPUT_EXTRA_BYTES, are fitted to the 13 compiles of docs/launch.md.
+ACTIVATION_COPIES = {"scores": 4.75, "mlp": 4.0, "layer_weights": 3.0}
+LAYER_INPUT_EXTRA_BYTES = 1  # per element of a saved layer input, beyond its compute-dtype copy
+
+
+# -- the estimate ---------------------------------------------------------------------------------------
+
+def _shard_bytes(shape, dtype, names, mesh) -> int:
+  spec = logical_to_spec(names, shape, mesh)
+  count = math.prod(shape)
+  for axes in spec:
+    for axis in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
+      count //= mesh.shape[axis]
+  return count * np.dtype(dtype).itemsize
+
+
+def _tree_bytes(tree, axes, mesh) -> int:
+  leaves = jax.tree.leaves(jax.tree.map(lambda names, x: _shard_bytes(x.shape, x.dtype, names, mesh), axes,
+                                        tree, is_leaf=lambda n: isinstance(n, tuple)))
+  return int(sum(leaves))
+
+
+def state_bytes(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
+  """Per-device bytes of the train state on a (data, fsdp, tensor) mesh, and of the gradients."""
+  mesh = jax.sharding.AbstractMesh(sizes, MESH_AXES)
+  cfg = job.model
+  optimizer = make_optimizer(job.optimizer, job.train.steps)
+  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  state = jax.eval_shape(lambda p: new_state(p, cfg, job.lora, optimizer, 0), params)
+  trainable_axes, frozen_axes = state_logical_axes(cfg, job.lora)
+  trainable = _tree_bytes(state.trainable, trainable_axes, mesh)
+  frozen = _tree_bytes(state.frozen, frozen_axes, mesh)
+  # The optimizer state is split like the trained array it mirrors (famjax.parallel.mirror_shardings);
+  # the small factored statistics (rows and columns of Adafactor's second moment) are whole.
+  divisor = {}
+  for names, x in zip(jax.tree.leaves(trainable_axes, is_leaf=lambda n: isinstance(n, tuple)),
+                      jax.tree.leaves(state.trainable)):
+    divisor[x.shape] = math.prod(x.shape) * 4 // _shard_bytes(x.shape, np.float32, names, mesh)
+  optimizer_state = sum(math.prod(x.shape) * x.dtype.itemsize // divisor.get(x.shape, 1)
+                        for x in jax.tree.leaves(state.opt_state))
+  other = sum(math.prod(x.shape) * x.dtype.itemsize for x in (state.step, state.rng, state.rsp_fam,
+                                                             state.rsp_valid))
+  return {"trained": trainable, "frozen": frozen, "optimizer": int(optimizer_state), "scalars_rsp": other,
+          "gradients": trainable}
+
+
+def _split(size: int, mesh_size: int) -> int:
+  return size // mesh_size if size % mesh_size == 0 else size
+
+
+def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
+  """Per-device bytes of the training step, term by term, and "total" (see the module docstring)."""
+  data, fsdp, tensor = sizes
+  cfg, train = job.model, job.train
+  if train.batch_size % (data * fsdp):
+    raise ValueError(f"batch {train.batch_size} does not split over data*fsdp = {data * fsdp}")
+  if cfg.remat != "full":
+    raise ValueError(f"the estimate models remat='full' (the paper configs), not {cfg.remat!r}")
+  b, T, D, L = train.batch_size // (data * fsdp), train.seq_len, cfg.d_model, cfg.n_layers
+  c = np.dtype(cfg.compute_dtype).itemsize
+  heads, kv_heads = _split(cfg.n_heads, tensor), _split(cfg.n_kv_heads, tensor)
+  vocab, mlp = _split(cfg.vocab_size, tensor), _split(cfg.mlp_dim, tensor)
+  out = state_bytes(job, sizes)
+  if job.lora.enabled:  # W + scale * A @ B for every layer at once (compute dtype), its gradient (f32)
+    axes = model_logical_axes(cfg)["layers"]
+    mesh = jax.sharding.AbstractMesh(sizes, MESH_AXES)
+    layer_shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))["layers"]
+    merged = sum(_shard_bytes(layer_shapes[n].shape, np.uint8, axes[n], mesh) for n in job.lora.targets)
+    out["lora_merged"] = merged * (c + 4)
+  # what full remat keeps of each layer for the backward: its input in the compute dtype (+ fitted extra)
+  out["layer_inputs"] = L * b * T * D * (c + LAYER_INPUT_EXTRA_BYTES)
+  if cfg.uses_blocks:
+    blocks, width = T // cfg.block_size, (cfg.mem_segments + 1) * cfg.block_size + cfg.fam_len
+    scores = b * blocks * heads * cfg.block_size * width * 4
+  else:  # one query chunk of block_size at a time
+    scores = b * heads * cfg.block_size * T * 4
+  H = cfg.head_dim
+  layer_weights = (D * (heads + 2 * kv_heads) * H + heads * H * D + 3 * D * mlp) * (4 + c)
+  layer = (ACTIVATION_COPIES["scores"] * scores + ACTIVATION_COPIES["mlp"] * b * T * mlp * 4 +
+           ACTIVATION_COPIES["layer_weights"] * layer_weights)
+  loss = 2 * b * T * vocab * 4 + vocab * D * (4 + c)  # logits and their gradient; the output matrix
+  out["activation_peak"] = int(max(layer, loss))
+  out["activation_peak_is"] = "loss" if loss >= layer else "layer"
+  out["total"] = sum(v for k, v in out.items() if isinstance(v, int) and k != "total")
+  return out
+
+
+# -- compiling -------------------------------------------------------------------------------------------
+
+def compiled_bytes(job: JobConfig) -> dict:
+  """XLA's per-device memory of the job's train step on this process's devices (nothing allocated)."""
+  # Imported here: the estimate alone should not pay for the trainer (and its checkpointing).
+  from famjax.training.trainer import Programs, StepSpec  # pylint: disable=import-outside-toplevel
+  programs = Programs(StepSpec.of(job, make_mesh(job.mesh)))
+  start = time.perf_counter()
+  stats = programs.step.lower(programs.abstract_state, programs.abstract_batch).compile().memory_analysis()
+  out = {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+         "outputs_not_aliased": stats.output_size_in_bytes - stats.alias_size_in_bytes,
+         "compile_s": round(time.perf_counter() - start, 1)}
+  out["total"] = out["arguments"] + out["temporaries"] + out["outputs_not_aliased"]
+  return out
