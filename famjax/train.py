@@ -80,7 +80,7 @@ def build(config):
     raise ConfigError(f"config.data: must be a section (a ConfigDict), got {raw['data']!r}")
   train = train_config(raw)
   data = TrainData(DataSection.from_dict(raw.get("data", {})), train)
-  job = job_config(raw, vocab_size=data.vocab_size, train=train)
+  job = job_config(raw, vocab_size=data.vocab_size, train=train, data=data.section)
   if job.train.init_from:
     source_model = init_from.source_model_config(job.train.init_from, job.model)
     if source_model.vocab_size < data.vocab_size:

@@ -257,3 +257,20 @@ def test_profile_steps_write_a_trace_tensorboard_lists(tmp_path):
   context = base_plugin.TBContext(logdir=str(tmp_path / "tensorboard"), data_provider=None,
                                   flags=argparse.Namespace(master_tpu_unsecure_channel=""))
   assert list(ProfilePlugin(context).generate_runs()) == [traces[0].parent.name]
+
+
+def test_evaluation_on_the_real_validation_split_leaves_the_training_alone(tmp_path):
+  from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
+  real = {"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0, "steps": 4}
+  job_off = tiny_job(**real)
+  job_on = tiny_job(**real, eval_every=2, eval_steps=2)
+  off = TrainData(job_off.data, job_off.train)
+  on = TrainData(job_on.data, job_on.train)
+  run(job_off, tmp_path / "off", make_batches=off.batches)
+  run(job_on, tmp_path / "on", make_batches=on.batches, make_eval_batches=on.eval_batches)
+  assert losses(tmp_path / "on") == losses(tmp_path / "off")
+  records = read_history(tmp_path / "on" / "metrics.jsonl")
+  evals = [r for r in records if "eval_loss" in r]
+  assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in evals)
+  offline = evaluate.evaluate(job_on, tmp_path / "on", on.eval_batches, num_batches=2)  # --mode=eval
+  np.testing.assert_allclose(evals[1]["eval_loss"], offline["loss"], rtol=1e-5)

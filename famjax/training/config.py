@@ -223,11 +223,12 @@ def model_config(raw: Mapping[str, Any]) -> ModelConfig:
 
 
 def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
-               train: TrainConfig | None = None) -> JobConfig:
+               train: TrainConfig | None = None, data: DataSection | None = None) -> JobConfig:
   """Validated JobConfig from a ConfigDict (or plain dict) in the layout of configs/base.py.
 
   `vocab_size`: the data vocabulary's size, taken when model.vocab_size is 0 and checked against it
-  otherwise. `train`: the run's TrainConfig when the caller has built it already (train_config).
+  otherwise. `train`, `data`: the run's TrainConfig and DataSection when the caller has built them
+  already (train_config, DataSection.from_dict).
   Raises ConfigError naming the field.
   """
   raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
@@ -251,7 +252,8 @@ def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
   if vocab_size is not None and vocab != 0 and model.vocab_size < vocab_size:
     raise ConfigError(f"config.model.vocab_size={model.vocab_size} is smaller than the data vocabulary "
                       f"({vocab_size} ids); set it to 0 to take the vocabulary's size")
-  data = DataSection.from_dict(raw.get("data", {}))
+  if data is None:
+    data = DataSection.from_dict(raw.get("data", {}))
   if data.mask_between_examples and model.has_fam and data.pack_align % model.block_size:
     raise ConfigError(f"config.data.pack_align={data.pack_align} must be a multiple of "
                       f"model.block_size={model.block_size} when mask_between_examples is on with FAM: "
