@@ -274,3 +274,19 @@ def test_evaluation_on_the_real_validation_split_leaves_the_training_alone(tmp_p
   assert [r["step"] for r in evals] == [2, 4] and all(np.isfinite(r["eval_loss"]) for r in evals)
   offline = evaluate.evaluate(job_on, tmp_path / "on", on.eval_batches, num_batches=2)  # --mode=eval
   np.testing.assert_allclose(evals[1]["eval_loss"], offline["loss"], rtol=1e-5)
+
+
+def test_the_passkey_check_during_training_streams_famjax_evals_passkey(tmp_path):
+  from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
+  from famjax.train_eval import passkey_eval
+  job = tiny_job(**{"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0, "steps": 2,
+                    "model.attention": "fam", "model.fam_len": 2, "eval_every": 2, "eval_steps": 0,
+                    "eval_passkey_lengths": "128,256", "eval_passkey_examples": 2,
+                    "eval_passkey_format": "short"})
+  data = TrainData(job.data, job.train)
+  result, _ = run(job, tmp_path, make_batches=data.batches, passkey_eval=passkey_eval(job, data))
+  assert result.status == "done"
+  record = read_history(tmp_path / "metrics.jsonl")[-1]
+  assert record["step"] == 2 and "eval_loss" not in record  # eval_steps=0: PassKey only
+  assert {k for k in record if k.startswith("eval_passkey_")} == {"eval_passkey_128", "eval_passkey_256"}
+  assert all(record[k] in (0.0, 0.5, 1.0) for k in ("eval_passkey_128", "eval_passkey_256"))
