@@ -96,6 +96,11 @@ def build(config):
   if job.train.batch_size % batch_ways or job.train.batch_size % jax.process_count():
     raise ConfigError(f"config.batch_size={job.train.batch_size} must be divisible by mesh data*fsdp="
                       f"{batch_ways} and by the {jax.process_count()} host(s)")
+  k, per_host = job.train.microbatches, job.train.batch_size // jax.process_count()
+  if per_host % k or (job.train.batch_size // k) % batch_ways:
+    raise ConfigError(f"config.microbatches={k} must divide the per-host batch ({per_host}) and leave "
+                      f"microbatches of {job.train.batch_size} / {k} rows divisible by mesh data*fsdp="
+                      f"{batch_ways}")
   if job.train.evaluates and job.train.eval_passkey_lengths:
     passkey_lengths(job, data)  # checked now, before anything compiles
   return job, data

@@ -40,6 +40,7 @@ def train(workdir, *flags, cache_dir=None):
     ("--config.steps=ten", "--config.steps=ten"),
     ("--config.mesh.data=3", "config.mesh"),
     ("--config.eval_every=-1", "config.eval_every=-1 must be >= 0"),
+    ("--config.microbatches=3", "config.microbatches=3 must be >= 1 and divide batch_size=2"),
     ("--config.profile_steps=5,500", "config.profile_steps='5,500' must lie inside the run"),
     (("--config.data.mixture=famjax_demo", "--config.data.repeat_segment_len=0", "--config.eval_every=5",
       "--config.eval_mixture=nope"), "config.eval_mixture='nope'"),

@@ -13,11 +13,13 @@ import jax.numpy as jnp
 
 
 def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                           z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+                           z_loss: float = 0.0, weight_total: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """(objective, metrics) for logits [B, T, V] (float32), targets [B, T] int, weights [B, T].
 
   objective = sum(w * (CE + z_loss * logZ^2)) / sum(w); metrics: "ce" (the weighted cross-entropy
   alone), "z_loss", "accuracy" (weighted top-1), "weight_sum". A batch whose weights are all 0 gives 0.
+  `weight_total`: divide by this instead of sum(w): the whole batch's weight when these logits are one
+  microbatch of it, so that the objectives and metrics of the microbatches add up to the batch's.
   """
   logits = logits.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
@@ -26,7 +28,7 @@ def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.A
   ce = log_z - target_logit
   z_term = z_loss * jnp.square(log_z)
   weight_sum = jnp.sum(weights)
-  denom = jnp.maximum(weight_sum, 1e-8)
+  denom = jnp.maximum(weight_sum if weight_total is None else weight_total, 1e-8)
   objective = jnp.sum(weights * (ce + z_term)) / denom
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   metrics = {

@@ -48,18 +48,30 @@ def starting_fam(prompt_state: transformer.StreamState, saved: jax.Array, use_sa
       fam_from_prompt=jnp.broadcast_to(~use_saved, prompt_state.fam_from_prompt.shape))
 
 
+def split_microbatches(x: jax.Array, k: int) -> jax.Array:
+  """[B, ...] -> [k, B/k, ...], microbatch j holding rows j, j+k, j+2k, ...: a batch split over devices
+  in contiguous blocks of rows gives every microbatch an equal share of every device's rows."""
+  return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTrainingConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float = 0.0,
-                    mask_between_examples: bool = False, constrain=None):
+                    mask_between_examples: bool = False, constrain=None, microbatches: int = 1):
   """train_step(state, batch) -> (state, metrics). batch: "inputs", "targets" int32 [B, T], "weights"
   float32 [B, T], optional "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 for padding:
   padding is masked as keys and kept out of FAM updates; with `mask_between_examples` tokens attend
   only within their example and every example starts from the initial FAM). `constrain`: the activations' sharding on the mesh
   (famjax.parallel.activation_constraint; None on one device). metrics: float32 scalars (loss, ce,
-  z_loss, accuracy, weight_sum, grad_norm, learning_rate, rsp_used)."""
+  z_loss, accuracy, weight_sum, grad_norm, learning_rate, rsp_used).
+
+  `microbatches` k > 1 (gradient accumulation): the batch is split into k microbatches
+  (split_microbatches) run one after another in a lax.scan, each loss divided by the whole batch's
+  weight, the gradients and metrics summed: the same update and metrics as k = 1, up to float summation
+  order, with the activations of one microbatch alive at a time. RSP keeps the final FAM of microbatch
+  0's first row, which is the batch's first row, as with k = 1."""
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
 
-  def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset):
+  def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset, weight_total):
     params = lora.combine(trainable, frozen, lora_cfg, model_cfg.compute_dtype)
     inputs = batch["inputs"]
     state = transformer.empty_state(params, model_cfg, inputs.shape[0])
@@ -70,8 +82,35 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
         params, model_cfg, inputs, state, max_pending=0,
         token_mask=None if segments is None else segments > 0, position_offset=offset,
         segment_ids=segments if mask_between_examples else None, constrain=constrain)
-    loss, metrics = weighted_cross_entropy(logits, batch["targets"], batch["weights"], z_loss)
+    loss, metrics = weighted_cross_entropy(logits, batch["targets"], batch["weights"], z_loss, weight_total)
     return loss, (metrics, final.fam[:, 0])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(trainable, frozen, batch, rsp_fam, use_saved, offset):
+    """(loss, metrics, last FAM, gradients) of the whole batch, in `microbatches` pieces."""
+    weight_total = jnp.sum(batch["weights"].astype(jnp.float32))
+    if microbatches == 1:
+      (loss, (metrics, last_fam)), grads = grad_fn(trainable, frozen, batch, rsp_fam, use_saved, offset,
+                                                   weight_total)
+      return loss, metrics, last_fam, grads
+    pieces = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+    offsets = None if offset is None else split_microbatches(offset, microbatches)
+
+    def accumulate(carry, piece):
+      mb, mb_offset = piece
+      (loss, (metrics, fam)), grads = grad_fn(trainable, frozen, mb, rsp_fam, use_saved, mb_offset,
+                                              weight_total)
+      return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), fam
+
+    (loss_shape, (metrics_shape, _)), _ = jax.eval_shape(
+        grad_fn, trainable, frozen, jax.tree.map(lambda x: x[0], pieces), rsp_fam, use_saved,
+        None if offsets is None else offsets[0], weight_total)
+    zero = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+    start = (zero(loss_shape), jax.tree.map(zero, metrics_shape),
+             jax.tree.map(jnp.zeros_like, trainable))  # zeros_like: sharded as the parameters
+    (loss, metrics, grads), fams = jax.lax.scan(accumulate, start, (pieces, offsets))
+    return loss, metrics, fams[0], grads  # microbatch 0's first row is the batch's row 0
 
   def train_step(state: TrainState, batch: dict):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -80,9 +119,8 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     use_saved = (state.rsp_valid & (state.step >= fam_cfg.rsp_start_step)
                  & jax.random.bernoulli(k_rsp, fam_cfg.rsp_prob)) if use_rsp else jnp.zeros((), bool)
     offset = random_position_offset(k_rpo, batch_size, model_cfg.rope_theta) if fam_cfg.rpo else None
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (metrics, last_fam)), grads = grad_fn(state.trainable, state.frozen, batch, state.rsp_fam,
-                                                 use_saved, offset)
+    loss, metrics, last_fam, grads = gradients(state.trainable, state.frozen, batch, state.rsp_fam,
+                                               use_saved, offset)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
