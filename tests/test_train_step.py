@@ -295,3 +295,57 @@ def test_microbatches_must_divide_the_batch():
   from famjax.training.config import TrainConfig
   with pytest.raises(ValueError, match="microbatches=3 must be >= 1 and divide batch_size=8"):
     TrainConfig(batch_size=8, microbatches=3)
+
+
+# -- the chunked loss ------------------------------------------------------------------------------------
+
+def test_chunked_cross_entropy_equals_the_whole_logits_with_gradients():
+  from famjax.training.loss import chunked_cross_entropy
+  rng = np.random.default_rng(0)
+  B, T, D, V = 2, 24, 16, 50
+  h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+  w_out = jnp.asarray(rng.normal(size=(D, V)) / 4, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+  weights = jnp.asarray(rng.integers(0, 3, (B, T)) * 0.5, jnp.float32)
+
+  def whole(h, w):
+    return weighted_cross_entropy(jnp.einsum("BTD,DV->BTV", h, w), targets, weights, 1e-3)
+
+  def chunked(h, w):
+    return chunked_cross_entropy(h, w, targets, weights, 1e-3, chunk=8)
+
+  (loss_a, m_a), grads_a = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(h, w_out)
+  (loss_b, m_b), grads_b = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(h, w_out)
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for name in m_a:
+    np.testing.assert_allclose(m_b[name], m_a[name], rtol=1e-6, err_msg=name)
+  for a, b in zip(grads_a, grads_b):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="not a multiple of the chunk 7"):
+    chunked_cross_entropy(h, w_out, targets, weights, chunk=7)
+
+
+def test_a_step_with_the_chunked_loss_equals_the_step_with_whole_logits():
+  optimizer = make_optimizer(ADAMW, 20)
+  init = jax.jit(lambda params: new_state(params, TINY, LoraConfig(), optimizer, 0))
+  states, histories = {}, {}
+  for chunk in (0, 8):
+    step = jax.jit(make_train_step(TINY, LoraConfig(), FamTrainingConfig(), optimizer,
+                                   learning_rate_schedule(ADAMW, 20), z_loss=1e-4, loss_chunk=chunk,
+                                   microbatches=2 if chunk else 1))
+    state, history = init(params_of(TINY)), []
+    for b in batches(2, batch=4):
+      state, metrics = step(state, b)
+      history.append(metrics)
+    states[chunk], histories[chunk] = state, history
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               states[8].trainable, states[0].trainable)
+  for m0, m8 in zip(histories[0], histories[8]):
+    for name in ("loss", "ce", "z_loss", "accuracy", "weight_sum", "grad_norm"):
+      np.testing.assert_allclose(m8[name], m0[name], rtol=1e-5, err_msg=name)
+
+
+def test_loss_chunk_must_divide_the_sequence():
+  from famjax.training.config import TrainConfig
+  with pytest.raises(ValueError, match="loss_chunk=100 must be 0 or divide seq_len=512"):
+    TrainConfig(seq_len=512, loss_chunk=100)

@@ -86,10 +86,19 @@ def empty_state(params: dict, cfg: ModelConfig, batch_size: int, start_position=
       pending=jnp.zeros((), jnp.int32), position=jnp.asarray(start_position, jnp.int32))
 
 
+def output_weights(params: dict, cfg: ModelConfig) -> jax.Array:
+  """The output projection [D, V]: lm_head, or the transposed embedding when they are tied."""
+  return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
 def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamState, *, max_pending: int,
             token_mask: jax.Array | None = None, position_offset: jax.Array | None = None,
-            segment_ids: jax.Array | None = None, constrain: Constrain | None = None):
+            segment_ids: jax.Array | None = None, constrain: Constrain | None = None,
+            output: str = "logits"):
   """Logits [B, n, V] (float32) of a chunk `tokens` [B, n] that continues `state`, and the next state.
+  With output="hidden": the final normed hidden states [B, n, D] (compute dtype) instead, the logits
+  being `hidden @ output_weights(params, cfg)` (famjax.training.loss.chunked_cross_entropy computes them
+  a chunk at a time).
 
   `max_pending` (static) bounds `state.pending`: 0 for a forward from an empty state. `segment_ids`
   (packed-example ids, attention only within an example; in fam every example starts from the initial
@@ -123,9 +132,12 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   x, contexts = jax.lax.scan(layer, x, (params["layers"], contexts))
 
   h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_eps)
-  out = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-  logits = jnp.einsum("BTD,DV->BTV", h, out.astype(dtype), preferred_element_type=jnp.float32)
-  logits = constrain(logits, LOGITS_AXES)
+  if output == "hidden":
+    logits = constrain(h, ACTIVATION_AXES)
+  else:
+    logits = jnp.einsum("BTD,DV->BTV", h, output_weights(params, cfg).astype(dtype),
+                        preferred_element_type=jnp.float32)
+    logits = constrain(logits, LOGITS_AXES)
 
   total = state.pending + n
   if cfg.uses_blocks:

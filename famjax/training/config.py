@@ -44,6 +44,8 @@ class TrainConfig:
   # Gradient accumulation: the batch runs as this many microbatches inside the step, one after another
   # (the same update; activations of one microbatch at a time).
   microbatches: int = 1
+  # Tokens of logits computed at a time in the loss (0: the whole [batch, seq_len, vocab] at once).
+  loss_chunk: int = 0
   # Evaluation during training (docs/training.md): every `eval_every` steps (0: off), the loss and
   # accuracy on `eval_steps` batches (0: none) of `eval_mixture`'s validation split ("": the training
   # mixture's),
@@ -67,6 +69,8 @@ class TrainConfig:
     _check(self.z_loss >= 0, "z_loss", "must be >= 0", self.z_loss)
     _check(self.microbatches >= 1 and self.batch_size % self.microbatches == 0, "microbatches",
            f"must be >= 1 and divide batch_size={self.batch_size}", self.microbatches)
+    _check(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
+           "loss_chunk", f"must be 0 or divide seq_len={self.seq_len}", self.loss_chunk)
     _check(self.eval_every >= 0, "eval_every", "must be >= 0 (0: no evaluation during training)",
            self.eval_every)
     self.profile_range  # pylint: disable=pointless-statement  # validates profile_steps
@@ -269,7 +273,7 @@ def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
 # Fields a resumed run may change; any other difference from the workdir's config.json is refused.
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
-    "model.remat", "microbatches", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths",
+    "model.remat", "microbatches", "loss_chunk", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths",
     "eval_passkey_examples", "eval_passkey_format", "profile_steps",
 })
 

@@ -20,7 +20,7 @@ import optax
 from famjax.model import ModelConfig, transformer
 from famjax.training import lora
 from famjax.training.config import FamTrainingConfig, LoraConfig
-from famjax.training.loss import weighted_cross_entropy
+from famjax.training.loss import chunked_cross_entropy, weighted_cross_entropy
 from famjax.training.state import TrainState
 
 
@@ -56,7 +56,8 @@ def split_microbatches(x: jax.Array, k: int) -> jax.Array:
 
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTrainingConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float = 0.0,
-                    mask_between_examples: bool = False, constrain=None, microbatches: int = 1):
+                    mask_between_examples: bool = False, constrain=None, microbatches: int = 1,
+                    loss_chunk: int = 0):
   """train_step(state, batch) -> (state, metrics). batch: "inputs", "targets" int32 [B, T], "weights"
   float32 [B, T], optional "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 for padding:
   padding is masked as keys and kept out of FAM updates; with `mask_between_examples` tokens attend
@@ -68,7 +69,10 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
   (split_microbatches) run one after another in a lax.scan, each loss divided by the whole batch's
   weight, the gradients and metrics summed: the same update and metrics as k = 1, up to float summation
   order, with the activations of one microbatch alive at a time. RSP keeps the final FAM of microbatch
-  0's first row, which is the batch's first row, as with k = 1."""
+  0's first row, which is the batch's first row, as with k = 1.
+
+  `loss_chunk` > 0: the loss from the final hidden states, `loss_chunk` tokens of logits at a time
+  (famjax.training.loss.chunked_cross_entropy): the same objective without [B, T, V] float32 logits."""
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
 
   def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset, weight_total):
@@ -78,11 +82,17 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     if use_rsp:
       state = starting_fam(state, rsp_fam, use_saved)
     segments = batch.get("segment_ids")
-    logits, final = transformer.forward(
+    out, final = transformer.forward(
         params, model_cfg, inputs, state, max_pending=0,
         token_mask=None if segments is None else segments > 0, position_offset=offset,
-        segment_ids=segments if mask_between_examples else None, constrain=constrain)
-    loss, metrics = weighted_cross_entropy(logits, batch["targets"], batch["weights"], z_loss, weight_total)
+        segment_ids=segments if mask_between_examples else None, constrain=constrain,
+        output="hidden" if loss_chunk else "logits")
+    if loss_chunk:
+      loss, metrics = chunked_cross_entropy(out, transformer.output_weights(params, model_cfg),
+                                            batch["targets"], batch["weights"], z_loss, weight_total,
+                                            chunk=loss_chunk, constrain=constrain)
+    else:
+      loss, metrics = weighted_cross_entropy(out, batch["targets"], batch["weights"], z_loss, weight_total)
     return loss, (metrics, final.fam[:, 0])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

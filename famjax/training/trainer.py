@@ -41,13 +41,14 @@ class StepSpec:
   z_loss: float
   mask_between_examples: bool
   microbatches: int
+  loss_chunk: int
   mesh: jax.sharding.Mesh
 
   @classmethod
   def of(cls, job: JobConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
     t = job.train
     return cls(job.model, job.lora, job.fam, job.optimizer, t.steps, t.batch_size, t.seq_len, t.z_loss,
-               job.data.mask_between_examples, t.microbatches, mesh)
+               job.data.mask_between_examples, t.microbatches, t.loss_chunk, mesh)
 
 
 class Programs:
@@ -59,7 +60,8 @@ class Programs:
     self.schedule = learning_rate_schedule(spec.optimizer, spec.steps)
     step = make_train_step(cfg, spec.lora, spec.fam, self.optimizer, self.schedule, spec.z_loss,
                            mask_between_examples=spec.mask_between_examples,
-                           constrain=activation_constraint(mesh), microbatches=spec.microbatches)
+                           constrain=activation_constraint(mesh), microbatches=spec.microbatches,
+                           loss_chunk=spec.loss_chunk)
 
     abstract_params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     trainable_axes, frozen_axes = state_logical_axes(cfg, spec.lora)
