@@ -55,6 +55,7 @@ def get_config() -> config_dict.ConfigDict:
   m.param_dtype = "float32"
   m.remat = "full"            # activation checkpointing of the layer scan: none|full|dots|...
   m.init_std = config_dict.placeholder(float)  # None: d_model ** -0.5 (fan-in; 0.0255 at 1536)
+  m.fam_gate = False          # famjax extension, not the paper's: a learned write gate on FAM updates
 
   # -- the data (famjax.data.DataConfig; see famjax/data/config.py and docs/data.md) -----------------
   # seq_len and seed come from the top level. mixture="synthetic" uses famjax.training.synthetic

@@ -16,13 +16,14 @@ Variants (VARIANTS run by experiments/passkey_small.py): fam (the spec's FAM, 0 
 bswa_m0, bswa_m1, bswa_m2 (0, 1, 2 memory segments). EXTRA_VARIANTS are the length-generalisation
 ablations of docs/passkey_small.md (`--variants=` of the experiment, or this file's `:NAME` directly):
 fam_rsp (RSP p=0.8 from the first step, the paper's), fam_rsp_late (RSP from half-way, on a model that
-already retrieves), fam_repeated (trained on the repeated-phrase filler).
+already retrieves), fam_repeated (trained on the repeated-phrase filler), fam_gate (fam with the FAM write
+gate, ModelConfig.fam_gate: a famjax extension, not the paper's model).
 """
 
 from configs import base
 
 VARIANTS = ("fam", "bswa_m0", "bswa_m1", "bswa_m2")
-EXTRA_VARIANTS = ("fam_rsp", "fam_rsp_late", "fam_repeated")
+EXTRA_VARIANTS = ("fam_gate", "fam_rsp", "fam_rsp_late", "fam_repeated")
 TRAIN_LENGTH = 512  # the longest training row: evaluation starts here and goes to 16x
 
 
@@ -67,8 +68,9 @@ def get_config(variant: str = "fam"):
   c.fam.rpo = False         # under exact relative angles RPO changes only rounding (spec §6)
   c.fam.rsp_prob = 0.0
 
-  if variant in ("fam", "fam_rsp", "fam_rsp_late", "fam_repeated"):
+  if variant in ("fam", "fam_gate", "fam_rsp", "fam_rsp_late", "fam_repeated"):
     m.attention = "fam"
+    m.fam_gate = variant == "fam_gate"
     if variant in ("fam_rsp", "fam_rsp_late"):
       c.fam.rsp_prob = 0.8
       c.fam.rsp_start_step = c.steps // 2 if variant == "fam_rsp_late" else 0

@@ -4,7 +4,7 @@ This file is the test oracle for the JAX model. It is written for clarity, not s
 step of the specification, explicit loops over examples, layers, blocks and heads, float64 throughout
 (including the softmax). It imports neither JAX nor famjax; `cfg` only needs the ModelConfig attributes
 vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp_dim, attention, block_size,
-mem_segments, fam_len, rope_theta, rms_eps, tie_embeddings, embed_scale.
+mem_segments, fam_len, rope_theta, rms_eps, tie_embeddings, embed_scale, and optionally fam_gate.
 
 Public API:
   reference_forward(params, cfg, tokens, *, position_offset=0.0, initial_fam=None, return_fam=False)
@@ -13,7 +13,8 @@ Public API:
 Parameter layout (as famjax.model.params):
   embed [V, D], final_norm [D], lm_head [D, V] (only when not tied), fam_prompt [F, D] (only with FAM),
   layers: attn_norm [L, D], q [L, D, N, H], k [L, D, K, H], v [L, D, K, H], o [L, N, H, D],
-          mlp_norm [L, D], gate [L, D, M], up [L, D, M], down [L, M, D].
+          mlp_norm [L, D], gate [L, D, M], up [L, D, M], down [L, M, D],
+          fam_gate [L, D], fam_gate_bias [L, F] (only with cfg.fam_gate, a famjax extension).
 
 Conventions resolved here where the spec leaves room (see also the docstrings below):
   * Positions are float64 `p_i = offset_b + i` (spec §2); `offset` may be a scalar or one per example.
@@ -25,6 +26,9 @@ Conventions resolved here where the spec leaves room (see also the docstrings be
     otherwise, including the very first update from a passed `initial_fam` (spec §3 step 3, §6 RSP).
   * A trailing partial block updates no FAM (spec §3 [famjax]); its tokens still attend to the memory
     blocks, to the previous FAM state and causally to their own block.
+  * cfg.fam_gate (a famjax extension, not in the spec): every update with R = F_prev becomes
+    F_prev + g * (F_new - F_prev) with one gate per FAM row, g = sigmoid(w . RMSNorm(F_new - F_prev) + b)
+    (RMSNorm without a scale, b one bias per FAM row). The first update from the learned prompt is not gated.
 """
 
 from __future__ import annotations
@@ -240,6 +244,17 @@ def fam_block_tokens(w: dict, cfg, x_mem: np.ndarray, pos_mem: np.ndarray, f_pre
   return layer_block(w, cfg, x_block, pos_block, x_kv, pos_kv, mask)
 
 
+def write_gate(w: dict, cfg, f_prev: np.ndarray, f_new: np.ndarray) -> np.ndarray:
+  """The famjax FAM write gate (not in the spec): F_prev + g * (F_new - F_prev), row by row."""
+  out = np.zeros_like(f_new)
+  for row in range(f_new.shape[0]):
+    delta = f_new[row] - f_prev[row]
+    unit = delta / np.sqrt(np.mean(delta ** 2) + cfg.rms_eps)
+    g = 1.0 / (1.0 + np.exp(-(unit @ w["fam_gate"] + w["fam_gate_bias"][row])))
+    out[row] = f_prev[row] + g * delta
+  return out
+
+
 def fam_update(w: dict, cfg, f_prev: np.ndarray, pos_fam: np.ndarray, x_block: np.ndarray,
                pos_block: np.ndarray, residual: np.ndarray) -> np.ndarray:
   """New FAM state from a COMPLETE block (spec §3 step 3).
@@ -277,8 +292,11 @@ def fam_layer(w: dict, cfg, x: np.ndarray, positions: np.ndarray, f_init: np.nda
     x_mem, pos_mem = x[mem_start:start], positions[mem_start:start]
     out[start:stop] = fam_block_tokens(w, cfg, x_mem, pos_mem, f_prev, pos_fam, x_block, pos_block)
     if stop - start == B:                              # §3 [famjax]: only complete blocks update the FAM
-      residual = np.zeros_like(f_prev) if (first_update and first_residual_zero) else f_prev
-      f_prev = fam_update(w, cfg, f_prev, pos_fam, x_block, pos_block, residual)
+      from_prompt = first_update and first_residual_zero
+      residual = np.zeros_like(f_prev) if from_prompt else f_prev
+      f_new = fam_update(w, cfg, f_prev, pos_fam, x_block, pos_block, residual)
+      f_prev = write_gate(w, cfg, f_prev, f_new) if getattr(cfg, "fam_gate", False) and not from_prompt \
+          else f_new
       first_update = False
       # §5: the new state takes the positions of the last F tokens of the block it compressed.
       pos_fam = pos_block[B - F:]
@@ -385,4 +403,7 @@ def reference_params(cfg, seed: int) -> dict:
     params["lm_head"] = mat(D, V)
   if _has_fam(cfg):
     params["fam_prompt"] = mat(cfg.fam_len, D)
+  if getattr(cfg, "fam_gate", False):
+    params["layers"]["fam_gate"] = rng.standard_normal((L, D))  # gates spread over (0, 1)
+    params["layers"]["fam_gate_bias"] = rng.standard_normal((L, cfg.fam_len))
   return params

@@ -207,6 +207,7 @@ def test_sharded_hf_checkpoint(llama, tmp_path):
 @pytest.mark.parametrize("variant", [
     dict(),
     dict(tie_embeddings=True, embed_scale=True, param_dtype="bfloat16", n_kv_heads=1, head_dim=8),
+    dict(fam_gate=True),  # the write gate's weights (a famjax extension) travel as extra tensors
 ])
 def test_round_trip_fam_model(tmp_path, variant):
   cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=48,
@@ -259,6 +260,8 @@ def test_fam_on_llama_weights_and_prompt_initialisation(llama):
   ids = np.random.default_rng(0).choice(SIZES["vocab_size"], size=4, replace=False)
   embed = np.asarray(params["embed"])
   np.testing.assert_array_equal(np.asarray(params["fam_prompt"]), embed[ids])
+  gated = from_hf(path, attention="fam", block_size=8, fam_len=4, fam_gate=True).params_dict()["layers"]
+  assert not np.asarray(gated["fam_gate"]).any() and not np.asarray(gated["fam_gate_bias"]).any()
   scaled = from_hf(path, attention="fam", block_size=8, fam_len=4, embed_scale=True)
   np.testing.assert_allclose(np.asarray(scaled.params_dict()["fam_prompt"]),
                              embed[ids] * math.sqrt(SIZES["hidden_size"]), rtol=1e-6)

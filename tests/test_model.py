@@ -82,6 +82,37 @@ def test_initial_fam_state_rsp_matches_reference():
   assert rel_err(fam_state.values, ref_fam) < 2e-5
 
 
+@pytest.mark.parametrize("mem", [0, 1])
+def test_fam_gate_matches_reference(mem):
+  """The FAM write gate (ModelConfig.fam_gate, a famjax extension) against the reference, from the
+  prompt (the first update ungated) and from a passed state (every update gated)."""
+  cfg = tiny(attention="fam", block_size=8, mem_segments=mem, fam_len=4, fam_gate=True)
+  model, p64 = build(cfg)
+  toks = tokens(2, 29)
+  ref, ref_fam = reference_forward(p64, cfg, toks, return_fam=True)
+  logits, fam_state = model(toks, return_fam_state=True)
+  assert rel_err(logits, ref) < 2e-5 and rel_err(fam_state.values, ref_fam) < 2e-5
+  init = np.random.RandomState(3).normal(size=(2, 2, 4, 32))
+  ref, ref_fam = reference_forward(p64, cfg, toks, initial_fam=init, return_fam=True)
+  logits, fam_state = model(toks, fam_state=FamState(jnp.asarray(init, jnp.float32), jnp.zeros((2,), bool)),
+                            return_fam_state=True)
+  assert rel_err(logits, ref) < 2e-5 and rel_err(fam_state.values, ref_fam) < 2e-5
+  # The gate does something: the ungated model differs.
+  plain = Transformer(cfg.replace(fam_gate=False), params={
+      **model.params_dict(), "layers": {k: v for k, v in model.params_dict()["layers"].items()
+                                        if not k.startswith("fam_gate")}})
+  assert rel_err(plain(toks), ref) > 1e-3
+
+
+def test_fam_gate_needs_fam():
+  with pytest.raises(ValueError, match="fam_gate"):
+    tiny(attention="bswa", block_size=8, fam_len=0, fam_gate=True)
+  with pytest.raises(ValueError, match="fam_gate"):
+    tiny(attention="fam", block_size=8, fam_len=0, fam_gate=True)
+  with pytest.raises(ValueError, match="fam_gate"):
+    tiny(attention="fam", block_size=8, fam_len=4, fam_gate="yes")
+
+
 def test_prompt_fam_is_the_prompt_pass():
   """With fewer tokens than a block there is no update: the returned state is the prompt's (§4)."""
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)

@@ -12,6 +12,7 @@ CONFIGS = {
     "bswa": dict(attention="bswa", block_size=8, mem_segments=2),
     "fam": dict(attention="fam", block_size=8, mem_segments=1, fam_len=4),
     "fam_m0": dict(attention="fam", block_size=8, mem_segments=0, fam_len=3),
+    "fam_gate": dict(attention="fam", block_size=8, mem_segments=1, fam_len=4, fam_gate=True),
 }
 
 
@@ -74,7 +75,7 @@ def test_state_has_constant_size(name):
   assert int(state.position) == 64 and int(state.pending) == 64 % cfg.block_size
 
 
-@pytest.mark.parametrize("name", ["full", "fam"])
+@pytest.mark.parametrize("name", ["full", "fam", "fam_gate"])
 def test_stream_far_from_the_origin_is_exact(name):
   """Spec §5: angles come from block-relative positions, so a stream at 1e8 equals one at 0."""
   model = make(name)

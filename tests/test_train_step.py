@@ -17,6 +17,7 @@ from famjax.training.optimizer import _bias_corrected_decay, learning_rate_sched
 from famjax.training.state import new_state
 from famjax.training.step import make_train_step, random_position_offset
 from famjax.training.synthetic import SyntheticBatches
+from famjax.workdir.model import merged_params
 
 TINY = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64,
                    attention="fam", block_size=8, mem_segments=1, fam_len=2, dtype="float32", remat="none")
@@ -161,6 +162,24 @@ def test_lora_trains_only_adapters_and_prompt_and_merges_for_inference():
   inner = transformer.forward(merged, TINY, tokens, transformer.empty_state(merged, TINY, 2),
                               max_pending=0)[0]
   np.testing.assert_allclose(model(tokens), inner, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_trains_the_fam_gate_in_full_and_the_workdir_merge_agrees():
+  """The FAM write gate (ModelConfig.fam_gate) is a new weight: LoRA trains it in full, like the prompt,
+  and famjax.workdir's merge of a saved state gives the parameters training used."""
+  cfg = TINY.replace(fam_gate=True)
+  step, state = make(cfg, lora_cfg=LORA)
+  assert set(state.trainable) == {"lora", "fam_prompt", "fam_gate"}
+  assert set(state.trainable["fam_gate"]) == {"fam_gate", "fam_gate_bias"}
+  assert not set(state.frozen["layers"]) & {"fam_gate", "fam_gate_bias"}
+  for batch in batches(2):
+    state, _ = step(state, batch)
+  assert float(jnp.abs(state.trainable["fam_gate"]["fam_gate"]).max()) > 0
+  merged = state.params(LORA)
+  saved = merged_params({"trainable": state.trainable, "frozen": state.frozen},
+                        {"lora": {"rank": LORA.rank, "alpha": LORA.alpha}})
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), merged, saved)
+  Transformer(cfg, params=merged)  # every parameter present with its shape
 
 
 # -- RSP and RPO (spec §6) ------------------------------------------------------------------------------

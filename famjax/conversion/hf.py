@@ -62,6 +62,10 @@ LAYER_HF_NAMES = {  # famjax layer parameter -> HF name after LAYER_PREFIX
     "gate": "mlp.gate_proj.weight",       # famjax [D, M] <- HF [M, D]
     "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",       # famjax [M, D] <- HF [D, M]
+    # The FAM write gate (ModelConfig.fam_gate, a famjax extension): new weights, written by to_hf,
+    # zero (every gate 1/2, as init_params) when a checkpoint has none.
+    "fam_gate": "fam_gate",
+    "fam_gate_bias": "fam_gate_bias",
 }
 # famjax layer parameter -> (HF name, input axes), as in GLOBAL_WEIGHTS. The input axes of the
 # projections are famjax.model.params.PROJECTIONS; the norm scales (None) have the same layout in both.
@@ -82,7 +86,7 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10_000.0}
 # ModelConfig fields with no HF meaning: to_hf records them in config.json under "famjax".
 FAMJAX_FIELDS = ("attention", "block_size", "mem_segments", "fam_len", "embed_scale", "dtype",
-                 "param_dtype", "remat", "init_std")
+                 "param_dtype", "remat", "init_std", "fam_gate")
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 CONFIG_NAME = "config.json"
@@ -359,12 +363,14 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   prompt_name = GLOBAL_WEIGHTS["fam_prompt"][0]
   slots.pop(prompt_name, None)  # optional: handled below
   extras = {prompt_name}
-  embed_name, head_name = GLOBAL_WEIGHTS["embed"][0], GLOBAL_WEIGHTS["lm_head"][0]
-  if cfg.tie_embeddings and head_name in ckpt.names:
-    if not np.array_equal(ckpt.read(head_name), ckpt.read(embed_name)):
-      raise ValueError(f"from_hf: the config ties the embeddings but {head_name} differs from {embed_name}; "
-                       "load with tie_embeddings=False")
-    extras.add(head_name)  # a tied copy saved anyway
+  gate = {name: slots.pop(name) for name in list(slots) if slots[name].param.startswith("fam_gate")}
+  stored = [name for name in gate if name in ckpt.names]
+  if stored and len(stored) < len(gate):
+    raise ValueError("from_hf: the checkpoint has some of the FAM write gate's tensors but not all "
+                     f"(missing e.g. {next(n for n in gate if n not in ckpt.names)!r})")
+  if stored:
+    slots.update(gate)
+  extras |= {name for name in ckpt.names if ".fam_gate" in name} - set(slots)  # a gate the config lacks
   _check_tensor_names(_without(ckpt, extras), slots)
 
   dtype = cfg.storage_dtype
@@ -377,6 +383,9 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
     else:
       layers.setdefault(slot.param, [None] * cfg.n_layers)[slot.layer] = w
   params["layers"] = {param: np.stack(ws) for param, ws in layers.items()}
+  if gate and not stored:  # a checkpoint without the gate: zero, every gate 1/2 (as init_params)
+    params["layers"].update({slot.param: np.zeros((cfg.n_layers,) + slot.shape, dtype)
+                             for slot in gate.values()})
   if cfg.has_fam:
     params["fam_prompt"] = _fam_prompt(ckpt, cfg, params["embed"], prompt_name)
   return jax.tree.map(jnp.asarray, params)

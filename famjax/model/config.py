@@ -69,6 +69,12 @@ class ModelConfig:
       (the default) scales it to the width, d_model ** -0.5 (fan-in scaling of the projections that read
       the residual stream), which is 0.125 at d_model 64 and 0.0156 at 4096. A fixed 0.02 (GPT-2's) is
       about 6x too small at width 64: the PassKey model then stays at chance (docs/passkey_small.md).
+    fam_gate: **[famjax extension, not in the paper; off by default]** a learned write gate on every FAM
+      update after the first: F_new = F_prev + g * (F_cand - F_prev), with F_cand the spec's update
+      (§3 step 3) and g = sigmoid(w . RMSNorm(F_cand - F_prev) + b_row) one number per FAM row, from
+      new weights per layer (`fam_gate` [D], `fam_gate_bias` [F], both 0 at init: g = 1/2). The spec's
+      state is a residual stream that grows with every block read; the gate lets a layer leave its FAM
+      as it is on a block with nothing to keep (docs/passkey_small.md measures both).
   """
 
   vocab_size: int = 256
@@ -90,6 +96,7 @@ class ModelConfig:
   param_dtype: Any = "float32"
   remat: str = "full"
   init_std: float | None = None
+  fam_gate: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "block_size")
@@ -121,6 +128,11 @@ class ModelConfig:
     if self.fam_len > self.block_size:
       raise ValueError(f"ModelConfig.fam_len={self.fam_len} must not exceed block_size={self.block_size} "
                        "(a FAM state takes the positions of the last fam_len tokens of a block, spec §5)")
+    if not isinstance(self.fam_gate, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.fam_gate must be True or False, got {self.fam_gate!r}")
+    if self.fam_gate and not self.has_fam:
+      raise ValueError("ModelConfig.fam_gate gates the FAM update: it needs attention='fam' and fam_len > 0 "
+                       f"(got attention={self.attention!r}, fam_len={self.fam_len})")
     if not (float(self.rope_theta) > 1.0):
       raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")
     if not (0.0 < float(self.rms_eps) < 1.0):

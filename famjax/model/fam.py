@@ -88,6 +88,17 @@ def _mlp_block(p: dict, a: jax.Array, eps: float) -> jax.Array:
   return a + swiglu(rms_norm(a, p["mlp_norm"], eps), p["gate"], p["up"], p["down"])
 
 
+def _gated(p: dict, cfg: ModelConfig, fam: jax.Array, new: jax.Array) -> jax.Array:
+  """**[famjax extension]** F_prev + g * (F_cand - F_prev), g = sigmoid(w . RMSNorm(F_cand - F_prev) + b)
+  per FAM row [B, F] (b [F]: a bias per row): a layer can keep its FAM unchanged over a block (g -> 0), which the spec's residual
+  update cannot (its state grows with every block read)."""
+  delta = new.astype(jnp.float32) - fam.astype(jnp.float32)
+  unit = delta * jax.lax.rsqrt(jnp.mean(delta * delta, axis=-1, keepdims=True) + cfg.rms_eps)
+  gate = jax.nn.sigmoid(jnp.einsum("BFD,D->BF", unit, p["fam_gate"].astype(jnp.float32))
+                        + p["fam_gate_bias"].astype(jnp.float32))
+  return (fam.astype(jnp.float32) + gate[..., None] * delta).astype(new.dtype)
+
+
 def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array, k_block: jax.Array,
                v_block: jax.Array, block_valid: jax.Array, offset: jax.Array | None):
   """Spec §3 steps 1 and 3 for one block: the FAM queries read [own FAM, whole block] -> F_new.
@@ -108,6 +119,8 @@ def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array
   residual = jnp.where(from_prompt[:, None, None], jnp.zeros_like(fam), fam)  # R = 0 after the prompt
   af = residual + jnp.einsum("BFNH,NHD->BFD", read, p["o"])
   new = _mlp_block(p, af, cfg.rms_eps)
+  if cfg.fam_gate:  # famjax extension, off by default (ModelConfig.fam_gate); the first update ungated
+    new = jnp.where(from_prompt[:, None, None], new, _gated(p, cfg, fam, new))
   complete = jnp.all(block_valid, axis=-1)
   return jnp.where(complete[:, None, None], new, fam), kF, vF
 

@@ -30,3 +30,15 @@ def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
     dt = w.dtype if dtype is None else dtype
     layers[name] = w.astype(dt) + delta(ab["a"], ab["b"], scale, w.shape, dt)
   return {**params, "layers": layers}
+
+
+def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None) -> dict:
+  """The model's parameter dict from a LoRA run's (trainable, frozen) split (famjax.training.lora.split):
+  the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights under
+  "fam_gate") put back in place, and the adapters merged."""
+  params = dict(frozen)
+  if "fam_prompt" in trainable:
+    params["fam_prompt"] = trainable["fam_prompt"]
+  if "fam_gate" in trainable:
+    params["layers"] = {**frozen["layers"], **trainable["fam_gate"]}
+  return merge(params, trainable["lora"], scale, dtype)

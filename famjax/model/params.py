@@ -9,6 +9,8 @@ The parameter tree (what `famjax.Transformer.params_dict()` returns, and `init_p
   layers/      one array per weight, stacked over layers (leading axis L) for the scan over layers:
     attn_norm  [L, D]        q [L, D, N, H]   k [L, D, K, H]   v [L, D, K, H]   o [L, N, H, D]
     mlp_norm   [L, D]        gate [L, D, M]   up [L, D, M]     down [L, M, D]
+    fam_gate [L, D], fam_gate_bias [L, F]  the FAM write gate, only with ModelConfig.fam_gate (a famjax
+                                           extension, zero at init)
 
 Each entry carries logical axis names (LOGICAL_AXES) that the parallelism package maps to mesh axes.
 """
@@ -44,6 +46,8 @@ LOGICAL_AXES = {
         "gate": ("layers", "embed", "mlp"),
         "up": ("layers", "embed", "mlp"),
         "down": ("layers", "mlp", "embed"),
+        "fam_gate": ("layers", "embed"),
+        "fam_gate_bias": ("layers", "fam"),
     },
 }
 
@@ -64,12 +68,15 @@ def param_shapes(cfg: ModelConfig) -> dict:
     shapes["lm_head"] = (D, V)
   if cfg.has_fam:
     shapes["fam_prompt"] = (cfg.fam_len, D)
+  if cfg.fam_gate:
+    shapes["layers"].update(fam_gate=(L, D), fam_gate_bias=(L, cfg.fam_len))
   return shapes
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-  """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2).
+  """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2), the FAM write
+  gate (ModelConfig.fam_gate) at 0 (every gate 1/2).
 
   The FAM prompt is drawn like token embeddings (times sqrt(D) when `embed_scale`), so it starts on the
   distribution of the inputs it stands in for. Output projections (o, down) are scaled by
@@ -84,6 +91,9 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     name = path[-1].key
     if name.endswith("norm"):
       leaves.append(jnp.ones(shape, dtype))
+      continue
+    if name.startswith("fam_gate"):
+      leaves.append(jnp.zeros(shape, dtype))
       continue
     std = cfg.init_std
     if name in ("o", "down"):

@@ -7,7 +7,9 @@ and merges the adapters into the weights for inference: `merge` (the math is fam
 a plain parameter dict for `famjax.Transformer(cfg, params=...)` or `famjax.to_hf`.
 
 The parameters are split into what the optimizer trains and what stays frozen:
-  LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM)}; frozen = the rest
+  LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM), "fam_gate": {the
+         layers' write-gate weights} (with ModelConfig.fam_gate)}; frozen = the rest. The weights a
+         pretrained decoder lacks are trained in full.
   full:  trainable = every parameter; frozen = {}
 """
 
@@ -24,6 +26,21 @@ from famjax.training.config import LoraConfig
 
 # Number of input axes (after the layer axis) of each target: famjax.model.params.PROJECTIONS.
 IN_AXES = PROJECTIONS
+# The per-layer weights of the FAM write gate (ModelConfig.fam_gate): new weights, trained in full.
+GATE = ("fam_gate", "fam_gate_bias")
+
+
+def _split_new(tree: dict) -> tuple[dict, dict]:
+  """(the weights a pretrained decoder lacks: fam_prompt and the gate's, the rest) of a parameter tree
+  or of its logical axes."""
+  new, rest = {}, dict(tree)
+  if "fam_prompt" in rest:
+    new["fam_prompt"] = rest.pop("fam_prompt")
+  gate = {k: v for k, v in rest["layers"].items() if k in GATE}
+  if gate:
+    new["fam_gate"] = gate
+    rest["layers"] = {k: v for k, v in rest["layers"].items() if k not in GATE}
+  return new, rest
 
 
 def adapter_shapes(layer_shapes: dict, cfg: LoraConfig) -> dict:
@@ -66,11 +83,8 @@ def split(params: dict, cfg: LoraConfig, key: jax.Array) -> tuple[dict, dict]:
   """(trainable, frozen) of fresh parameters, see the module docstring."""
   if not cfg.enabled:
     return params, {}
-  trainable = {"lora": init_adapters(params["layers"], cfg, key)}
-  frozen = dict(params)
-  if "fam_prompt" in frozen:
-    trainable["fam_prompt"] = frozen.pop("fam_prompt")
-  return trainable, frozen
+  new, frozen = _split_new(params)
+  return {"lora": init_adapters(frozen["layers"], cfg, key), **new}, frozen
 
 
 def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
@@ -83,18 +97,13 @@ def combine(trainable: dict, frozen: dict, cfg: LoraConfig, dtype=None) -> dict:
   compute dtype, so no float32 copy of the merged weights exists)."""
   if not cfg.enabled:
     return trainable
-  params = dict(frozen)
-  if "fam_prompt" in trainable:
-    params["fam_prompt"] = trainable["fam_prompt"]
-  return merge(params, trainable["lora"], cfg, dtype)
+  return lora_math.merge_trained(trainable, frozen, cfg.scale, dtype)
 
 
-def trainable_logical_axes(cfg: LoraConfig, has_fam_prompt: bool, model_axes: dict) -> tuple[dict, dict]:
-  """Logical axes of (trainable, frozen), given the model's parameter axes `model_axes`."""
+def trainable_logical_axes(cfg: LoraConfig, model_axes: dict) -> tuple[dict, dict]:
+  """Logical axes of (trainable, frozen), given the model's parameter axes `model_axes` (those of the
+  parameters it has: famjax.training.state.model_logical_axes)."""
   if not cfg.enabled:
     return model_axes, {}
-  frozen = dict(model_axes)
-  trainable = {"lora": adapter_logical_axes(cfg)}
-  if has_fam_prompt:
-    trainable["fam_prompt"] = frozen.pop("fam_prompt")
-  return trainable, frozen
+  new, frozen = _split_new(model_axes)
+  return {"lora": adapter_logical_axes(cfg), **new}, frozen

@@ -45,7 +45,8 @@ class TrainState:
 def model_logical_axes(cfg: ModelConfig) -> dict:
   """LOGICAL_AXES restricted to the parameters this config has."""
   shapes = param_shapes(cfg)
-  return {k: (LOGICAL_AXES[k] if k != "layers" else dict(LOGICAL_AXES["layers"])) for k in shapes}
+  return {k: (LOGICAL_AXES[k] if k != "layers" else {n: LOGICAL_AXES["layers"][n] for n in shapes["layers"]})
+          for k in shapes}
 
 
 def new_state(params: dict, cfg: ModelConfig, lora_cfg: LoraConfig, optimizer: optax.GradientTransformation,
@@ -63,4 +64,4 @@ def new_state(params: dict, cfg: ModelConfig, lora_cfg: LoraConfig, optimizer: o
 
 def state_logical_axes(cfg: ModelConfig, lora_cfg: LoraConfig) -> tuple[dict, dict]:
   """Logical axes of (trainable, frozen); the optimizer state and scalars are sharded by propagation."""
-  return lora.trainable_logical_axes(lora_cfg, cfg.has_fam, model_logical_axes(cfg))
+  return lora.trainable_logical_axes(lora_cfg, model_logical_axes(cfg))

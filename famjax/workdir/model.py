@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from famjax.model import ModelConfig, Transformer
-from famjax.model.lora import merge
+from famjax.model.lora import merge_trained
 from famjax.workdir import layout
 from famjax.workdir.checkpoint import load_raw
 from famjax.workdir.layout import WorkdirError
@@ -52,10 +52,7 @@ def merged_params(state: dict, config: dict) -> dict:
   rank = int(lora.get("rank", 0))
   if not rank:
     return state["trainable"]
-  params = dict(state.get("frozen") or {})
-  if "fam_prompt" in state["trainable"]:
-    params["fam_prompt"] = state["trainable"]["fam_prompt"]
-  return merge(params, state["trainable"]["lora"], float(lora.get("alpha", 16.0)) / rank)
+  return merge_trained(state["trainable"], state.get("frozen") or {}, float(lora.get("alpha", 16.0)) / rank)
 
 
 def model_config(config: dict) -> ModelConfig:
