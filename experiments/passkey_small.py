@@ -2,10 +2,11 @@
 
   python experiments/passkey_small.py --out=workdirs/passkey_small
 
-1. trains the variants of configs/passkey_small.py from scratch (FAM with the spec's defaults; BSWA with
-   0, 1 and 2 memory segments), all the same size, steps and data (`passkey_random_small`: rows of 64 to
-   512 tokens, random-letter filler), two jobs at a time, each pinned to its own core;
-2. evaluates them on PassKey (random filler) from the longest training row (512 tokens) to 16x it, 32
+1. trains the variants of configs/passkey_small.py from scratch (FAM with the spec's defaults; FAM with
+   the write gate, a famjax extension; BSWA with 0, 1 and 2 memory segments), all the same size (the
+   gate adds 2 x 72 weights), steps and data (`passkey_random_small`: rows of 64 to 512 tokens,
+   random-letter filler), two jobs at a time, each pinned to its own core;
+2. evaluates them on PassKey (random filler) from the longest training row (512 tokens) to 64x it, 32
    examples per length at evenly spaced key depths, on the streaming path, in one `python -m famjax.eval`
    call: OUT/eval/results.{json,md} and OUT/eval/passkey.png (one line per model);
 3. evaluates the FAM models on the repeated-phrase filler (the structure of the paper's filler):
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from configs.passkey_small import EXTRA_VARIANTS, VARIANTS  # noqa: E402  (ml_collections only)
 
 CONFIG = "configs/passkey_small.py"
-LENGTHS = "512,1k,2k,4k,8k"  # the longest training row (512 tokens) up to 16x it
+LENGTHS = "512,1k,2k,4k,8k,16k,32k"  # the longest training row (512 tokens) up to 64x it
 FORMAT = "random"  # the training data's filler; REPEATED is evaluated as its own row
 REPEATED = "repeated"
 

@@ -22,16 +22,19 @@ def test_variants_validate_and_differ_only_in_attention():
   sizes = {}
   for name, job in jobs.items():
     model = famjax.Transformer(job.model, rngs=nnx.Rngs(0))
-    sizes[name] = sum(leaf.size for k, v in model.params_dict().items() if k != "fam_prompt"
-                      for leaf in jax.tree.leaves(v))
+    params = model.params_dict()
+    gate = {k: params["layers"].pop(k) for k in ("fam_gate", "fam_gate_bias") if k in params["layers"]}
+    assert bool(gate) == (name == "fam_gate") and sum(g.size for g in gate.values()) in (0, 2 * (64 + 8))
+    sizes[name] = sum(leaf.size for k, v in params.items() if k != "fam_prompt" for leaf in jax.tree.leaves(v))
     assert job.train.steps == jobs["fam"].train.steps and job.train.batch_size == jobs["fam"].train.batch_size
     assert job.model.init_std == 64 ** -0.5  # the width's fan-in scale, not GPT-2's 0.02
     expected = "passkey_repeated_small" if name == "fam_repeated" else "passkey_random_small"
     assert job.data.mixture == expected and job.train.seq_len == passkey_small.TRAIN_LENGTH
-  assert len(set(sizes.values())) == 1, sizes  # FAM adds only its prompt
+  assert len(set(sizes.values())) == 1, sizes  # FAM adds only its prompt (and the gate its 144 weights)
   fam = jobs["fam"]
   assert (fam.model.attention, fam.model.mem_segments, fam.model.fam_len) == ("fam", 0, 8)
-  assert fam.fam.rsp_prob == 0.0 and not fam.fam.rpo
+  assert fam.fam.rsp_prob == 0.0 and not fam.fam.rpo and not fam.model.fam_gate
+  assert jobs["fam_gate"].model.fam_gate and jobs["fam_gate"].model.replace(fam_gate=False) == fam.model
   assert jobs["fam_rsp"].fam.rsp_prob == 0.8 and jobs["fam_rsp"].fam.rsp_start_step == 0
   assert jobs["fam_rsp_late"].fam.rsp_start_step == fam.train.steps // 2
   assert [jobs[f"bswa_m{m}"].model.mem_segments for m in range(3)] == [0, 1, 2]
