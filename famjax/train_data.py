@@ -1,5 +1,6 @@
 """The data edge of famjax.train: the data section validated by famjax.data, and the batches the
-training loop reads (famjax.data's pipeline, or the synthetic stream for data.mixture="synthetic").
+training loop reads (famjax.data's row store or stream, or the synthetic stream for
+data.mixture="synthetic").
 
 famjax.training never imports famjax.data; this module joins them. famjax.data (and so TensorFlow) is
 imported only for a real mixture, so a synthetic run needs neither.
@@ -8,6 +9,13 @@ imported only for a real mixture, so a synthetic run needs neither.
   data.vocab_size                            # ids of the data vocabulary
   it = data.batches(position)                # this host's iterator, from a checkpoint's position
   it = data.eval_batches()                   # held-out batches for evaluation during training
+
+Training batches come from the config's row store (famjax.data.store: built here, in-process, the first
+time a run finds none, or extended when a run on an endless mixture reads further; `python -m
+famjax.data.prepare` builds it ahead) in the global order
+(famjax.data.global_batches): a checkpoint's position is one global row count, so it resumes at once
+on any number of processes. data.store="stream" reads the per-host stream instead, and so does a run
+whose checkpoint holds a stream position (saved before the row store): it replays, on its own layout.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ class TrainData:
   def __init__(self, section: DataSection, train: TrainConfig):
     self.section, self.train = section, train
     self.synthetic = section.mixture == SYNTHETIC
-    self.config = self.eval_config = None
+    self.config = self.eval_config = self._store = None
     if self.synthetic:
       self.vocab_size = VOCAB_SIZE
       return
@@ -72,9 +80,35 @@ class TrainData:
       return SyntheticBatches(self.train.batch_size, self.train.seq_len, seed, jax.process_index(),
                               jax.process_count(), state=position)
     from famjax.data import get_batches  # pylint: disable=import-outside-toplevel
-    return get_batches(self.config, self.train.batch_size, split=split,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       seed=self.train.seed, state=position, num_epochs=num_epochs)
+    from famjax.data.config import STREAM  # pylint: disable=import-outside-toplevel
+    stream_position = isinstance(position, dict) and "batches" in position
+    if split == "train" and num_epochs is None and self.config.store != STREAM and not stream_position:
+      return self._global_batches(position)
+    if split == "train" and stream_position and self.config.store != STREAM:
+      print(f"data: the checkpoint holds a stream position (batch {position['batches']}, saved before "
+            "the row store): this run continues the stream, replaying it (same process layout only)")
+    try:
+      return get_batches(self.config, self.train.batch_size, split=split,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         seed=self.train.seed, state=position, num_epochs=num_epochs)
+    except ValueError as e:
+      if position is None:
+        raise
+      raise ConfigError(f"config.data: cannot continue from the checkpoint's data position: {e}") from None
+
+  def _global_batches(self, position: dict | None):
+    """The row store's global order (the store built here if it does not exist yet)."""
+    from famjax.data import get_global_batches, store  # pylint: disable=import-outside-toplevel
+    try:
+      if self._store is None:  # an endless mixture's store holds the rows this run reads
+        self._store = store.open_or_build(self.config, min_rows=self.train.steps * self.train.batch_size)
+    except (store.StoreCorruptError, store.StoreMismatchError) as e:
+      raise ConfigError(str(e)) from None
+    try:
+      return get_global_batches(self._store, self.train.batch_size, jax.process_index(),
+                                jax.process_count(), state=position, prefetch=self.config.prefetch)
+    except ValueError as e:  # a position that is not this store's
+      raise ConfigError(f"config.data: cannot continue from the checkpoint's data position: {e}") from None
 
   def eval_batches(self):
     """A fresh iterator of this host's evaluation batches: the same batches every time (the validation

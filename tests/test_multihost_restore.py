@@ -1,24 +1,28 @@
-"""Resuming a run on another topology: a checkpoint written by 2 processes x 2 CPU devices restores on
-1 process x 4 devices with another mesh and continues, and the other way round.
+"""Resuming a run on another topology: a real `famjax_demo` run (seqio data through the row store)
+written by 2 processes x 2 CPU devices restores on 1 process x 4 devices and on 4 processes x 1 device,
+and continues exactly as a run that was never interrupted.
 
-One run, three topologies, every one a real `python -m famjax.train` (through launch/local.py for two
-processes), on the same workdir:
+Every run is a real `python -m famjax.train` (through launch/local.py for several processes):
 
-  steps 1-3  2 processes x 2 devices, mesh fsdp=2 x tensor=2     -> checkpoint 3
-  steps 4-5  1 process  x 4 devices, mesh data=2 x fsdp=2        -> restores 3, checkpoint 5
-  steps 6-7  2 processes x 2 devices, mesh fsdp=2 x tensor=2     -> restores 5, checkpoint 7
+  steps 1-3  2 processes x 2 devices, mesh fsdp=2 x tensor=2   -> checkpoint 3 (copied: two futures)
+  steps 4-5  1 process  x 4 devices, mesh data=2 x fsdp=2      -> restores 3
+  steps 4-5  4 processes x 1 device, mesh fsdp=4               -> restores 3 (the copy)
 
-and a reference that runs the 7 steps uninterrupted on 1 process x 4 devices. (The third run's programs
-are the first run's, and the reference's the second's: a compilation cache shared by the runs keeps the
-test short.) Every logged loss of the
-resumed run must match the reference's: that needs the parameters, the optimizer state, the RNG, the RSP
-state and the data position all restored exactly onto the new shardings (the loss of a step is computed
-from the restored state). The schedule is constant so that raising `steps` does not change it.
+and a reference that runs the 5 steps uninterrupted on 1 process x 4 devices (its step program is the
+second run's: a compilation cache shared by the runs keeps the test short). Every logged loss of both
+resumed runs must match the reference's: that needs the parameters, the optimizer state, the RNG, the
+RSP state and the data position all restored exactly onto the new shardings and process layouts. The
+data position is one global row count (famjax.data.global_batches), so the 4 processes of the last run
+read, from the 2-process run's checkpoint, exactly the rows the other layouts read. The first run builds
+the row store (into the test's FAMJAX_DATA_STORES: the 12 rows it reads) while its second process
+waits; the second extends it to the 20 rows of 5 steps; the others find it.
+The schedule is constant so that raising `steps` does not change it.
 """
 
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,17 +37,18 @@ from famjax.training.config import incompatible_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TINY = ["--config=configs/demo.py", "--config.data.mixture=synthetic", "--config.model.d_model=32",
+TINY = ["--config=configs/demo.py", "--config.data.mixture=famjax_demo", "--config.model.d_model=32",
         "--config.model.n_layers=1", "--config.model.n_heads=2", "--config.model.n_kv_heads=2",
         "--config.model.mlp_dim=64", "--config.model.block_size=8", "--config.model.fam_len=2",
-        "--config.seq_len=32", "--config.batch_size=4", "--config.tensorboard=False",
-        "--config.fam.rsp_prob=0.8", "--config.fam.rpo=True", "--config.optimizer.schedule=constant",
-        "--config.optimizer.warmup_steps=0", "--config.log_every=1"]
+        "--config.seq_len=64", "--config.data.repeat_segment_len=4", "--config.batch_size=4",
+        "--config.tensorboard=False", "--config.fam.rsp_prob=0.8", "--config.fam.rpo=True",
+        "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0", "--config.log_every=1"]
 
 
 def env(cache_dir, devices=None):
   e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
-       "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+       "JAX_COMPILATION_CACHE_DIR": str(cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+       "FAMJAX_DATA_STORES": str(cache_dir.parent / "stores")}
   e.pop("XLA_FLAGS", None)
   if devices:
     e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -114,38 +119,49 @@ def test_the_mesh_may_change_when_a_run_resumes():
   assert incompatible_fields(saved, {**moved, "seed": 1}) == ["seed (0 -> 1)"]
 
 
-def test_a_run_resumes_across_process_counts_and_meshes(tmp_path):
+def test_a_real_run_resumes_on_any_process_count_and_mesh(tmp_path):
   work, ref, cache = tmp_path / "run", tmp_path / "reference", tmp_path / "jax_cache"
   fsdp2_tensor2 = {"data": 1, "fsdp": 2, "tensor": 2}
   data2_fsdp2 = {"data": 2, "fsdp": 2, "tensor": 1}
+  fsdp4 = {"data": 1, "fsdp": 4, "tensor": 1}
 
   out = train(work, cache, 3, fsdp2_tensor2, processes=2, devices=2)
   assert "[p0] compiling the train step (fam, 4 device(s), mesh {'data': 1, 'fsdp': 2, 'tensor': 2})" in out
+  assert out.count("row store ready: 12 rows of 64 tokens") == 1  # the rows it reads, built once
   assert checkpoint_steps(work) == [3]
-  assert data_item(work, 3) == {"process_positions": [{"index": 3}, {"index": 3}]}  # both processes'
+  positions = data_item(work, 3)["process_positions"]
+  assert len(positions) == 2 and positions[0] == positions[1]  # one global position
+  assert positions[0]["rows"] == 3 * 4 and positions[0]["version"] == 2
+  other = tmp_path / "run_on_4_processes"
+  shutil.copytree(work, other)
 
   out = train(work, cache, 5, data2_fsdp2)  # 2 x 2 -> 1 x 4
   assert f"resumed from checkpoint 3 in {work / 'checkpoints'}" in out, out[-3000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out
+  assert "extending the row store" in out and "from 12 to 20 rows" in out  # steps 4-5 read 8 more
   assert checkpoint_steps(work) == [3, 5]
 
-  out = train(work, cache, 7, fsdp2_tensor2, processes=2, devices=2)  # 1 x 4 -> 2 x 2
-  for p in (0, 1):
-    assert f"[p{p}] resumed from checkpoint 5 in {work / 'checkpoints'}" in out, out[-3000:]
-  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in out
-  assert checkpoint_steps(work) == [3, 5, 7]
-  assert not (work / "checkpoints_corrupt").exists()
-  assert json.loads((work / "config.json").read_text())["mesh"]["tensor"] == 2  # the latest mesh
+  out = train(other, cache, 5, fsdp4, processes=4, devices=1)  # 2 x 2 -> 4 x 1
+  for p in range(4):
+    assert f"[p{p}] resumed from checkpoint 3 in {other / 'checkpoints'}" in out, out[-3000:]
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out and "row store" not in out  # it has 20 rows
+  assert checkpoint_steps(other) == [3, 5]
+  assert not (work / "checkpoints_corrupt").exists() and not (other / "checkpoints_corrupt").exists()
+  assert data_item(other, 5)["process_positions"] == [data_item(work, 5)["process_positions"][0]] * 4
 
-  train(ref, cache, 7, data2_fsdp2)  # uninterrupted (its step program is the second run's: from the cache)
-  resumed, reference = logged(work), logged(ref)
-  assert sorted(resumed) == list(range(1, 8))  # one history: 1-3, then 4-5, then 6-7
-  np.testing.assert_allclose([resumed[s] for s in range(1, 8)], [reference[s] for s in range(1, 8)],
-                             rtol=2e-5)
-  # and the final parameters, read back onto this process's single device
-  final = load_params(work)
+  train(ref, cache, 5, data2_fsdp2)  # uninterrupted (its step program is the second run's: from the cache)
+  reference = logged(ref)
+  for resumed in (logged(work), logged(other)):
+    assert sorted(resumed) == list(range(1, 6))  # one history: 1-3, then 4-5
+    np.testing.assert_allclose([resumed[s] for s in range(1, 6)], [reference[s] for s in range(1, 6)],
+                               rtol=2e-5)
+  # and the final parameters, read back onto this process's single device (AdamW's normalised update
+  # turns last-bit differences of another reduction order, e.g. fsdp=4, into ~lr * 1e-2 on a weight
+  # whose gradient is near zero: seen 2.2e-5 on 1 of 2048 weights)
   expected = load_params(ref)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), final, expected)
+  for resumed in (work, other):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-4), load_params(resumed),
+                 expected)
 
 
 def load_params(workdir):
@@ -156,5 +172,5 @@ def load_params(workdir):
   job = job_config(raw)
   job = dataclasses.replace(job, mesh=MeshConfig())  # this process's device(s)
   step, params = restore_params(job, workdir)
-  assert step == 7
+  assert step == 5
   return jax.tree.map(np.asarray, params)

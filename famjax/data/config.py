@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 BYTE_VOCABULARY = "byte"
+STREAM = "stream"  # DataConfig.store: no store, the per-host stream
 TOO_LONG_POLICIES = ("truncate", "skip")
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _SEQIO_NAME = re.compile(r"^[\w\d\.\:_#]+$")
@@ -57,6 +58,16 @@ class DataConfig:
     shuffle_buffer: examples in each task's shuffle buffer for the train split of file sources.
     tfds_data_dir: where prepared TFDS datasets live; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets.
     prefetch: batches prepared ahead in a background thread; 0 prepares them on the caller's thread.
+    store: where the training rows are materialised (famjax.data.store; docs/data.md): "" = the default
+      directory ($FAMJAX_DATA_STORES, else ~/.cache/famjax/stores, then a folder named after the mixture
+      and the config's fingerprint), a directory path, or "stream" for no store (each host streams its
+      own shard and a restore replays; resumes only on the same process layout). Where the rows are,
+      not what they are: it is not part of the fingerprint.
+    store_rows: rows the store holds. 0: a finite mixture (files, TFDS) stores one whole pass, read in
+      order, then again in a new order each epoch; an endless one (the generated famjax_demo and PassKey
+      tasks) stores the first rows of its stream, as many as the run reads (extended when a run reads
+      more), never repeated: the rows a one-process stream gives. n > 0: the first n rows, read in
+      epochs (an endless mixture repeats after n rows).
   """
 
   mixture: str = "famjax_demo"
@@ -80,6 +91,8 @@ class DataConfig:
   shuffle_buffer: int = 1000
   tfds_data_dir: str = ""
   prefetch: int = 2
+  store: str = ""
+  store_rows: int = 0
 
   def __post_init__(self):
     _check_str(self, "mixture", pattern=_SEQIO_NAME)
@@ -103,6 +116,8 @@ class DataConfig:
     _check_int(self, "shuffle_buffer", low=1)
     _check_str(self, "tfds_data_dir", allow_empty=True)
     _check_int(self, "prefetch", low=0)
+    _check_str(self, "store", allow_empty=True)
+    _check_int(self, "store_rows", low=0)
     if self.too_long not in TOO_LONG_POLICIES:
       _fail("too_long", f"must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
     if "{inputs}" not in self.prompt_template:

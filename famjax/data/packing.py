@@ -67,11 +67,12 @@ def truncate(tokens: np.ndarray, weights: np.ndarray, n_prompt: int, budget: int
 
 
 def shift_right(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-  """Decoder inputs: inputs[t] = targets[t - 1] within a segment, 0 at each segment start."""
+  """Decoder inputs: inputs[t] = targets[t - 1] within a segment, 0 at each segment start. Rows are
+  the last axis ([seq_len] or [rows, seq_len])."""
   inputs = np.zeros_like(targets)
-  inputs[1:] = targets[:-1]
-  starts = np.ones(len(targets), bool)
-  starts[1:] = segment_ids[1:] != segment_ids[:-1]
+  inputs[..., 1:] = targets[..., :-1]
+  starts = np.ones(targets.shape, bool)
+  starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
   inputs[starts | (segment_ids == 0)] = 0
   return inputs
 

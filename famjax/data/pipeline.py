@@ -42,7 +42,8 @@ from famjax.data.vocab import get_vocabulary
 STATE_VERSION = 1
 RESUME_MODES = ("replay", "reseed")
 _EXAMPLES_PER_FETCH = 64  # examples moved from TensorFlow to numpy per call
-_CONFIG_FIELDS_NOT_IN_STATE = ("prefetch",)  # changing these does not change the data
+# Changing these does not change the stream (store fields: the stream reads no store).
+_CONFIG_FIELDS_NOT_IN_STATE = ("prefetch", "store", "store_rows")
 
 
 def mixture_names() -> tuple[str, ...]:
@@ -80,7 +81,7 @@ class BatchIterator:
   def __init__(self, config: DataConfig, batch_size: int, split: str, process_index: int,
                process_count: int, seed: Optional[int], state: Optional[dict[str, Any]],
                num_epochs: Optional[int], resume: str = "replay"):
-    _check_layout(batch_size, process_index, process_count)
+    check_layout(batch_size, process_index, process_count)
     if resume not in RESUME_MODES:
       raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
     if state is not None and seed is None:
@@ -99,20 +100,13 @@ class BatchIterator:
       self._taken = int(state["batches"])
       self._origin = self._taken if resume == "reseed" else int(state["origin"])
     pipeline_seed = _pipeline_seed(self.seed, self._origin)
-    self._stats = SourceStats()
-    dataset = _build_dataset(self.mixture, config, split, pipeline_seed, process_index, process_count,
-                             num_epochs, self._stats)
-    self._examples = examples = _examples(dataset, self.mixture)
-    marker = tuple(self.vocabulary.encode(config.repeat_segment_marker))
-    spec = PackingSpec(config.seq_len, config.pack, config.mask_between_examples,
-                       config.repeat_segment_len, config.repeat_segment_weight, marker,
-                       config.instruction_weight, config.too_long, config.pack_align)
-    rng = np.random.default_rng([pipeline_seed, process_index, 0x5EED])
-    self._packer = Packer(spec, rng, self._stats, repeat=(split == "train"))
-    batches = _batches(examples, self._packer, self.per_host_batch, config.seq_len, self.mixture)
+    self._examples = rows = PackedRows(config, split, pipeline_seed, process_index, process_count,
+                                       num_epochs)
+    self._stats, self._packer = rows.stats, rows.packer
+    batches = _batches(iter(rows), self.per_host_batch, config.seq_len)
     batches = itertools.islice(batches, self._taken - self._origin, None)  # the replay
     if config.prefetch:
-      self._source = _Prefetcher(batches, config.prefetch, on_exit=self._examples.close)
+      self._source = Prefetcher(batches, config.prefetch, on_exit=self._examples.close)
     else:
       self._source = batches
     _LIVE.add(self)
@@ -142,7 +136,7 @@ class BatchIterator:
   def close(self, wait: bool = True) -> None:
     """Stops reading. Also done at exit (a TensorFlow iterator over Python generators still alive
     when the interpreter shuts down can hang the process) and when the iterator is dropped."""
-    if isinstance(self._source, _Prefetcher):
+    if isinstance(self._source, Prefetcher):
       self._source.close(wait)  # the thread closes the examples itself: it is the one running them
     else:
       self._examples.close()
@@ -164,8 +158,9 @@ class BatchIterator:
       if state.get(key) != expected[key]:
         raise ValueError(
             f"iterator state does not match this pipeline: {key} is {state.get(key)!r} in the state "
-            f"and {expected[key]!r} here (resuming needs the same data config, seed, batch size and "
-            "process layout)")
+            f"and {expected[key]!r} here (resuming a stream needs the same data config, seed, batch "
+            "size and process layout; a run that reads a row store, famjax.data.store, resumes on "
+            "any layout)")
     batches, origin = state.get("batches"), state.get("origin")
     if not isinstance(batches, int) or not isinstance(origin, int) or not 0 <= origin <= batches:
       raise ValueError(f"iterator state: need ints 0 <= origin <= batches, got {origin!r}, {batches!r}")
@@ -197,7 +192,7 @@ def get_examples(config: DataConfig, split: str = "validation", process_index: i
 
 # -- the pieces ------------------------------------------------------------------------------------
 
-def _check_layout(batch_size: int, process_index: int, process_count: int) -> None:
+def check_layout(batch_size: int, process_index: int, process_count: int) -> None:
   if not isinstance(process_count, int) or process_count < 1:
     raise ValueError(f"process_count must be an int >= 1, got {process_count!r}")
   if not isinstance(process_index, int) or not 0 <= process_index < process_count:
@@ -273,24 +268,52 @@ def _examples(ds: tf.data.Dataset, mixture: str) -> Iterator[tuple[np.ndarray, i
     raise RuntimeError(f"famjax.data: reading {mixture!r} failed: {e.message}") from None
 
 
-def _batches(examples, packer: Packer, batch_size: int, seq_len: int, mixture: str
+class PackedRows:
+  """The packed rows of one host's shard of a split, in stream order (an iterable of row dicts):
+  seqio reads, tokenises and mixes (ShardInfo(process_index, process_count)), the Packer packs. The
+  streaming pipeline batches them; famjax.data.store writes those of process 0 of 1 to disk."""
+
+  def __init__(self, config: DataConfig, split: str, seed: int, process_index: int = 0,
+               process_count: int = 1, num_epochs: Optional[int] = None):
+    self.mixture = tasks_lib.ensure_registered(config)
+    self.stats = SourceStats()
+    dataset = _build_dataset(self.mixture, config, split, seed, process_index, process_count,
+                             num_epochs, self.stats)
+    self._examples = _examples(dataset, self.mixture)
+    marker = tuple(get_vocabulary(config).encode(config.repeat_segment_marker))
+    spec = PackingSpec(config.seq_len, config.pack, config.mask_between_examples,
+                       config.repeat_segment_len, config.repeat_segment_weight, marker,
+                       config.instruction_weight, config.too_long, config.pack_align)
+    rng = np.random.default_rng([seed, process_index, 0x5EED])
+    self.packer = Packer(spec, rng, self.stats, repeat=(split == "train"))
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    produced = 0
+    for tokens, n_prompt, task in self._examples:
+      for row in self.packer.add(tokens, n_prompt, task):
+        produced += 1
+        yield row
+    for row in self.packer.flush():
+      produced += 1
+      yield row
+    if not produced:
+      raise ValueError(f"famjax.data: {self.mixture!r} produced no example on this host")
+
+  def close(self) -> None:
+    self._examples.close()
+
+
+def _batches(rows: Iterator[dict[str, np.ndarray]], batch_size: int, seq_len: int
              ) -> Iterator[dict[str, np.ndarray]]:
-  rows: list[dict[str, np.ndarray]] = []
-  produced = 0
-  for tokens, n_prompt, task in examples:
-    for row in packer.add(tokens, n_prompt, task):
-      rows.append(row)
-      if len(rows) == batch_size:
-        yield _stack(rows)
-        produced, rows = produced + 1, []
-  rows += packer.flush()
-  while len(rows) >= batch_size:
-    yield _stack(rows[:batch_size])
-    produced, rows = produced + 1, rows[batch_size:]
-  if rows:
-    yield _stack(rows + [empty_row(seq_len)] * (batch_size - len(rows)))
-  elif not produced:
-    raise ValueError(f"famjax.data: {mixture!r} produced no example on this host")
+  """Batches of `batch_size` rows; the last one of a finite stream filled up with all-padding rows."""
+  batch: list[dict[str, np.ndarray]] = []
+  for row in rows:
+    batch.append(row)
+    if len(batch) == batch_size:
+      yield _stack(batch)
+      batch = []
+  if batch:
+    yield _stack(batch + [empty_row(seq_len)] * (batch_size - len(batch)))
 
 
 def _stack(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -310,7 +333,7 @@ def _close_live_iterators() -> None:
     it.close()
 
 
-class _Prefetcher:
+class Prefetcher:
   """Runs an iterator on a background thread, `depth` items ahead; errors re-raise in the caller."""
 
   _END = object()

@@ -34,8 +34,11 @@ class PythonSource(seqio.DataSource):
 
   def __init__(self, make_examples: ExampleFn, splits: Sequence[str],
                num_input_examples: Optional[Mapping[str, int]] = None, shuffled: bool = False,
-               preflight: Optional[Callable[[str, int, int], None]] = None):
+               preflight: Optional[Callable[[str, int, int], None]] = None,
+               endless: Sequence[str] = ()):
     """shuffled: the examples are already i.i.d. (generated), so seqio need not shuffle them.
+    endless: the splits whose stream never ends (generated training examples); a row store holds a
+    fixed number of their rows instead of one pass.
 
     preflight(split, shard_index, num_shards): a cheap check run before the dataset is built that
     raises a clear error (missing file, a shard with no valid record) instead of an empty stream.
@@ -44,6 +47,7 @@ class PythonSource(seqio.DataSource):
     self._make_examples = make_examples
     self._shuffled = shuffled
     self._preflight = preflight
+    self.endless = tuple(endless)
 
   @property
   def supports_arbitrary_sharding(self) -> bool:

@@ -80,9 +80,9 @@ def _add_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> None:
 
 def _python_task(name, vocab_spec, definition, make_examples, splits, *, shuffled=True,
                  num_examples=None, preflight=None, shuffle_buffer=None, metric_fns=(),
-                 postprocess_fn=None):
+                 postprocess_fn=None, endless=()):
   source = PythonSource(make_examples, splits, num_input_examples=num_examples, shuffled=shuffled,
-                        preflight=preflight)
+                        preflight=preflight, endless=endless)
   _add_task(name, (vocab_spec,) + definition, source=source,
             output_features=output_features(get_vocabulary(vocab_spec)),
             preprocessors=text_preprocessors(name), postprocess_fn=postprocess_fn,
@@ -108,7 +108,7 @@ def register_synthetic_mixture(name: str, context: synthetic.ContextRange,
     _python_task(task_name, vocabulary, ("synthetic", task, context),
                  synthetic.make_examples(task, context), ("train", "validation"),
                  num_examples={"validation": synthetic.VALIDATION_EXAMPLES},
-                 metric_fns=[metrics.exact_match])
+                 metric_fns=[metrics.exact_match], endless=("train",))
     tasks.append((task_name, 1.0))
   _add_mixture(name + suffix, tasks)
   return name + suffix
@@ -139,11 +139,11 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
   for name, (filler_tokens, fmt) in passkey.TRAIN_TASKS.items():
     _python_task(name + suffix, vocabulary, ("passkey_train", filler_tokens, fmt.name),
                  passkey.make_train_examples(filler_tokens, vocab, fmt), ("train",),
-                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess, endless=("train",))
   for name, (totals, fmt) in passkey.TRAIN_TOTAL_TASKS.items():
     _python_task(name + suffix, vocabulary, ("passkey_train_total", totals, fmt.name),
                  passkey.make_train_total_examples(totals, vocab, fmt), ("train",),
-                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess, endless=("train",))
   for name, total in passkey.EVAL_LENGTHS.items():
     _python_task(name + suffix, vocabulary, ("passkey_eval", total, passkey.EVAL_EXAMPLES),
                  passkey.make_eval_examples(total, vocab), ("validation",),
@@ -209,6 +209,12 @@ def ensure_registered(config: DataConfig) -> str:
 def tasks_of(name: str) -> list[seqio.Task]:
   provider = seqio.get_mixture_or_task(name)
   return list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+
+
+def endless(name: str, split: str = "train") -> bool:
+  """Whether reading `split` of the mixture or task never ends (one of its tasks generates examples
+  without end: the synthetic and PassKey training tasks)."""
+  return any(split in getattr(task.source, "endless", ()) for task in tasks_of(name))
 
 
 def famjax_task(task: seqio.Task) -> bool:

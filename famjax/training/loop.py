@@ -94,7 +94,8 @@ def saved_positions(position: dict) -> dict:
 def own_position(saved: dict | None) -> dict | None:
   """This process's data position from a checkpoint's `data` item. After a change in the number of
   processes it is process 0's: the data source decides whether it can continue from it (the synthetic
-  stream can; famjax.data's pipeline refuses another process layout)."""
+  stream and famjax.data's row store can: their position is global; famjax.data's per-host stream
+  refuses another process layout)."""
   if not saved or "process_positions" not in saved:
     return saved  # a checkpoint written before positions were gathered (one process's)
   positions = saved["process_positions"]

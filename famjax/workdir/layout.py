@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -98,8 +99,10 @@ def prepare(workdir: Path, job_dict: dict, restart: bool, differences: Callable[
           "start over (the old run is moved to WORKDIR/previous_<time>/)")
     if (found or restart) and write:
       note = f"--restart: moved the previous run to {set_aside(workdir)}"
-  if write:
-    config_path.write_text(json.dumps(job_dict, indent=2, sort_keys=True) + "\n")
+  if write:  # atomically: the other processes of the job read it at the same time
+    tmp = config_path.with_name(f".{CONFIG}.tmp")
+    tmp.write_text(json.dumps(job_dict, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)
   return note
 
 
