@@ -371,6 +371,12 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   if stored:
     slots.update(gate)
   extras |= {name for name in ckpt.names if ".fam_gate" in name} - set(slots)  # a gate the config lacks
+  embed_name, head_name = GLOBAL_WEIGHTS["embed"][0], GLOBAL_WEIGHTS["lm_head"][0]
+  if cfg.tie_embeddings and head_name in ckpt.names:
+    if not np.array_equal(ckpt.read(head_name), ckpt.read(embed_name)):
+      raise ValueError(f"from_hf: the config ties the embeddings but {head_name} differs from {embed_name}; "
+                       "load with tie_embeddings=False")
+    extras.add(head_name)  # a tied copy saved anyway
   _check_tensor_names(_without(ckpt, extras), slots)
 
   dtype = cfg.storage_dtype
