@@ -54,6 +54,10 @@ def get_config() -> config_dict.ConfigDict:
   m.dtype = "bfloat16"        # compute dtype; master weights stay in param_dtype
   m.param_dtype = "float32"
   m.remat = "full"            # activation checkpointing of the layer scan: none|full|dots|...
+  #                             (offload_dots_no_batch, offload_qkv_proj: to host memory; GPU/TPU only)
+  m.attention_chunk = 0       # query blocks whose attention scores exist at once (0: all; k: k at a
+  #                             time, recomputed in the backward pass: same math, less memory)
+  m.attention_impl = "xla"    # attention kernel: "xla" (the reference) | "cudnn" (GPU, bfloat16 only)
   m.init_std = config_dict.placeholder(float)  # None: d_model ** -0.5 (fan-in; 0.0255 at 1536)
   m.fam_gate = False          # famjax extension, not the paper's: a learned write gate on FAM updates
 

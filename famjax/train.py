@@ -25,7 +25,7 @@ from famjax.parallel import MESH_AXES, distributed, slice_count
 from famjax.train_data import TrainData
 from famjax.train_eval import passkey_eval, passkey_lengths
 from famjax.training import evaluate, export, init_from, loop
-from famjax.training.config import ConfigError, DataSection, job_config, train_config
+from famjax.training.config import ConfigError, DataSection, check_platform, job_config, train_config
 from famjax.workdir import layout
 
 
@@ -88,6 +88,7 @@ def build(config):
       raise ConfigError(f"config.init_from: the checkpoint's vocabulary ({source_model.vocab_size}) is "
                         f"smaller than the data's ({data.vocab_size})")
     job = dataclasses.replace(job, model=source_model)
+  check_platform(job.model, jax.default_backend())
   try:
     sizes = dict(zip(MESH_AXES, job.mesh.resolve(jax.device_count(), slice_count(jax.devices()))))
   except ValueError as e:

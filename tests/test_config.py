@@ -20,6 +20,10 @@ from famjax import ModelConfig
     (dict(dtype="int32"), "dtype"),
     (dict(param_dtype="not-a-dtype"), "param_dtype"),
     (dict(remat="sometimes"), "remat"),
+    (dict(attention_chunk=-1), "attention_chunk"),
+    (dict(attention_chunk=1.5), "attention_chunk"),
+    (dict(attention_impl="flash"), "attention_impl"),
+    (dict(attention_impl="cudnn", dtype="float32"), "attention_impl"),  # cuDNN: bfloat16/float16 only
     (dict(rope_theta=0.5), "rope_theta"),
     (dict(rms_eps=0.0), "rms_eps"),
 ])

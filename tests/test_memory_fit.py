@@ -1,12 +1,16 @@
 """famjax.training.memory (behind benchmarks/memory_fit.py): the per-device memory estimate of a training
-step against XLA's
-memory_analysis() of the step compiled ahead of time on 4 simulated CPU devices, for small configs with
-the paper's structure (LoRA, FAM, block attention, remat full, bf16 compute); and FSDP keeps the batch
-split (the model's activation constraint), so its activations are those of data parallelism.
+step against XLA's memory_analysis() of the step compiled ahead of time on 4 simulated CPU devices, for
+small configs with the paper's structure (LoRA, FAM, block attention, remat full, bf16 compute), with and
+without microbatches, the chunked loss and (where ModelConfig has it) attention_chunk; FSDP keeps the
+batch split (the model's activation constraint), so its activations are those of data parallelism; k
+microbatches keep one microbatch's. And benchmarks/memory_fit.py's microbatch search (with a stand-in
+for the compile) and its one-line errors.
 
 The compiles run in a subprocess (this file as a script with XLA_FLAGS set), because the device count is
 fixed when a process first touches jax."""
 
+import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,32 +22,46 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `configs`, and famjax when this file runs as a script
 
 from configs import paper  # noqa: E402
+from famjax.model import ModelConfig  # noqa: E402
 from famjax.parallel import MESH_AXES  # noqa: E402
 from famjax.training import memory  # noqa: E402
 from famjax.training.config import job_config  # noqa: E402
 
 GIB = 2 ** 30
-# estimate / compiled - 1 allowed for these small configs. The copy counts of the attention scores were
-# read at the paper's sizes, where XLA:CPU keeps more copies than at these: here the estimate of a
-# layer-bound step errs high (on the safe side). At the paper's sizes it is within 5% (docs/launch.md).
-TOLERANCE = {"loss": (-0.10, 0.10), "layer": (0.0, 0.35)}
+# estimate / compiled - 1 allowed for these small configs; what they measure (jax 0.10.2, XLA:CPU): the
+# loss-bound points -2% to +4%, the layer-bound ones +14% to +15% with every block's attention scores at
+# once (their copy count was read at the paper's sizes, where XLA:CPU keeps more copies than at these:
+# the estimate errs high, on the safe side) and -1% with attention_chunk. At the paper's sizes it is within
+# -5% .. +8% of the compiles in docs/launch.md.
+TOLERANCE = {"loss": (-0.05, 0.05), "layer": (-0.05, 0.20)}
+# ModelConfig.attention_chunk (query blocks whose scores exist at once), where this famjax has it
+HAS_ATTENTION_CHUNK = "attention_chunk" in {f.name for f in dataclasses.fields(ModelConfig)}
+CHUNKED_ATTENTION = {"attention_chunk": 1} if HAS_ATTENTION_CHUNK else {}
 
 
 # Small configs, the paper's structure: block 256, 3 memory blocks, FAM 16, LoRA rank 8, 2048 tokens.
 SMALL = dict(n_layers=2, seq_len=2048, lora_rank=8, d_model=256, n_heads=4, n_kv_heads=4, head_dim=64,
              mlp_dim=1024, block_size=256, fam_len=16, mem_segments=3)
-POINTS = {  # name: (model changes, global batch, mesh)
-    "loss-bound, fsdp 4": (dict(vocab_size=32768), 4, (1, 4, 1)),
-    "loss-bound, data 4": (dict(vocab_size=32768), 4, (4, 1, 1)),
+POINTS = {  # name: (model changes, global batch, mesh, train changes)
+    "loss-bound, fsdp 4": (dict(vocab_size=32768), 4, (1, 4, 1), {}),
+    "loss-bound, data 4": (dict(vocab_size=32768), 4, (4, 1, 1), {}),
     "layer-bound, MQA, fsdp 2 x tensor 2, 2 sequences per device": (
-        dict(vocab_size=1024, n_heads=8, n_kv_heads=1, mlp_dim=2048), 4, (1, 2, 2)),
+        dict(vocab_size=1024, n_heads=8, n_kv_heads=1, mlp_dim=2048), 4, (1, 2, 2), {}),
+    # one sequence per device and microbatch, as "loss-bound, fsdp 4", with twice the batch
+    "loss-bound, fsdp 4, 2 microbatches": (dict(vocab_size=32768), 8, (1, 4, 1), dict(microbatches=2)),
+    "chunked loss, fsdp 4, 2 microbatches": (
+        dict(vocab_size=131072, **CHUNKED_ATTENTION), 8, (1, 4, 1), dict(microbatches=2, loss_chunk=256)),
+    "layer-bound, GQA, fsdp 2 x tensor 2, 2 microbatches, chunked loss": (
+        dict(vocab_size=1024, n_heads=8, n_kv_heads=4, mlp_dim=2048, **CHUNKED_ATTENTION), 8, (1, 2, 2),
+        dict(microbatches=2, loss_chunk=256)),
 }
 
 
-def small_job(batch_size, mesh, seq_len, lora_rank, n_layers, **model):
-  """configs/paper.py's 1B recipe (as benchmarks/memory_fit.py's paper_job) at the sizes given."""
+def small_job(batch_size, mesh, seq_len, lora_rank, n_layers, train=None, **model):
+  """configs/paper.py's 1B recipe (as benchmarks/memory_fit.py's paper_job) at the sizes given; `train`:
+  other top-level fields (microbatches, loss_chunk)."""
   c = paper.get_config("1b").to_dict()
-  c.update(batch_size=batch_size, seq_len=seq_len, mesh=dict(zip(MESH_AXES, mesh)))
+  c.update(batch_size=batch_size, seq_len=seq_len, mesh=dict(zip(MESH_AXES, mesh)), **(train or {}))
   c["lora"]["rank"] = lora_rank
   c["data"]["mixture"] = "synthetic"  # no data needed to lower the step
   c["model"].update(model, n_layers=n_layers)
@@ -51,8 +69,8 @@ def small_job(batch_size, mesh, seq_len, lora_rank, n_layers, **model):
 
 
 def job(name):
-  changes, batch, mesh = POINTS[name]
-  return small_job(batch, mesh, **{**SMALL, **changes})
+  changes, batch, mesh, train = POINTS[name]
+  return small_job(batch, mesh, train=train, **{**SMALL, **changes})
 
 
 def test_state_bytes_follow_the_sharding():
@@ -68,6 +86,25 @@ def test_estimate_refuses_what_it_does_not_model():
   none = small_job(4, (1, 4, 1), remat="none", **SMALL)
   with pytest.raises(ValueError, match="remat='full'"):
     memory.estimate(none, (1, 4, 1))
+  four = small_job(8, (1, 4, 1), train=dict(microbatches=4), **SMALL)  # 2 sequences per data shard
+  with pytest.raises(ValueError, match="microbatches=4 does not divide the 2 sequences per data shard"):
+    memory.estimate(four, (1, 4, 1))
+
+
+def test_estimate_models_microbatches_and_the_chunked_loss():
+  """Without compiling: k microbatches take the activations of batch / k sequences (plus a gradient
+  accumulator); a chunked loss drops the [b, T, V] logits."""
+  whole = small_job(8, (1, 4, 1), vocab_size=32768, **SMALL)
+  halves = small_job(8, (1, 4, 1), train=dict(microbatches=2), vocab_size=32768, **SMALL)
+  one = small_job(4, (1, 4, 1), vocab_size=32768, **SMALL)
+  e_whole, e_halves, e_one = (memory.estimate(j, (1, 4, 1)) for j in (whole, halves, one))
+  assert e_halves["activation_peak"] == e_one["activation_peak"] < e_whole["activation_peak"]
+  assert e_halves["layer_inputs"] == e_one["layer_inputs"] == e_whole["layer_inputs"] // 2
+  assert e_halves["gradient_accumulator"] == e_halves["gradients"] and "gradient_accumulator" not in e_one
+  chunked = memory.estimate(small_job(8, (1, 4, 1), train=dict(loss_chunk=256), vocab_size=32768, **SMALL),
+                            (1, 4, 1))
+  logits = 2 * 2048 * 32768 * 4  # [b, T, V] float32 of the 2 sequences per device
+  assert chunked["total"] < e_whole["total"] - logits
 
 
 def test_estimate_matches_the_compiled_step():
@@ -84,16 +121,66 @@ def test_estimate_matches_the_compiled_step():
     assert low <= r["estimate"] / r["compiled"] - 1 <= high, report
   assert results["loss-bound, fsdp 4"]["peak_is"] == "loss"
   assert results["layer-bound, MQA, fsdp 2 x tensor 2, 2 sequences per device"]["peak_is"] == "layer"
+  assert results["chunked loss, fsdp 4, 2 microbatches"]["peak_is"] == "loss"
+  assert results["layer-bound, GQA, fsdp 2 x tensor 2, 2 microbatches, chunked loss"]["peak_is"] == "layer"
+  # 2 microbatches of 1 sequence per device: the activations of 1 sequence per device, not 2
+  one, halves = results["loss-bound, fsdp 4"], results["loss-bound, fsdp 4, 2 microbatches"]
+  assert halves["temporaries"] < 1.1 * one["temporaries"], report
   # FSDP gathers weights, not the batch: its temporaries are data parallelism's, not 4 sequences' logits
   fsdp, data = results["loss-bound, fsdp 4"], results["loss-bound, data 4"]
   assert fsdp["temporaries"] < 1.25 * data["temporaries"], report
+
+
+def _memory_fit():
+  path = os.path.join(ROOT, "benchmarks", "memory_fit.py")
+  spec = importlib.util.spec_from_file_location("memory_fit", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_memory_fit_searches_the_fewest_microbatches(monkeypatch, capsys):
+  """The search compiles 1, 2, 4, ... microbatches and stops at the first that fits; one record each."""
+  mf = _memory_fit()
+  compiled = []
+
+  def fake_compile(job):  # 10 GiB of state + 8 GiB of activations per sequence of a microbatch
+    compiled.append(job.train.microbatches)
+    per_microbatch = job.train.batch_size // 32 // job.train.microbatches
+    return {"total": (10 + 8 * per_microbatch) * GIB, "compile_s": 0.0}
+
+  monkeypatch.setattr(mf, "compiled_bytes", fake_compile)
+  point = {"role": "paper", "size": "1b", "chips": 32, "mesh": [1, 32, 1], "batch_size": 128,
+           "loss_chunk": 512, "attention_chunk": 0, "hbm_gib": 26, "candidates": mf.divisors(4),
+           "stop_at_fit": True}
+  records = mf.search_point(point)
+  assert compiled == [1, 2] and [r["fits"] for r in records] == [False, True]
+  assert [r["total"] / GIB for r in records] == [42, 26] and records[1]["sequences_per_microbatch"] == 2
+  assert "fits 26 GiB with 2 microbatch(es)" in mf.summary(records)
+  assert all(line.startswith("RECORD ") for line in capsys.readouterr().out.splitlines())
+  none = mf.search_point({**point, "hbm_gib": 17})  # not even 1 sequence per microbatch fits
+  assert [r["microbatches"] for r in none] == [1, 2, 4] and not any(r["fits"] for r in none)
+  assert "does not fit 17 GiB with any count tried (1, 2, 4); the least is 18.00 GiB" in mf.summary(none)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hbm_gib", "0"], "--hbm_gib=0 must be > 0"),
+    (["--hbm_gib", "-16"], "--hbm_gib=-16 must be > 0"),
+    (["--microbatches", "3"], "--microbatches=3 does not divide the batch of 1b on 32 chips"),
+    (["--microbatches", "2"], "--microbatches=2 does not divide the batch of 24b on 128 chips"),
+    (["--loss_chunk", "1000"], "--loss_chunk=1000 must be 0 or divide the sequence length 8704"),
+])
+def test_memory_fit_refuses_bad_input_in_one_line(argv, message):
+  with pytest.raises(SystemExit) as e:
+    _memory_fit().main(argv)
+  assert message in str(e.value) and "\n" not in str(e.value)
 
 
 def _main():
   import jax
   assert jax.device_count() == 4, jax.devices()
   results = {}
-  for name, (_, _, mesh) in POINTS.items():
+  for name, (_, _, mesh, _) in POINTS.items():
     j = job(name)
     compiled = memory.compiled_bytes(j)
     estimate = memory.estimate(j, mesh)

@@ -212,8 +212,10 @@ def test_bfloat16_compute_tracks_float32():
   assert rel_err(out16, reference_forward(p64, cfg, toks)) < 5e-2
 
 
-@pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj"])
+@pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj", "offload_dots_no_batch", "offload_qkv_proj"])
 def test_remat_policies_keep_gradients(remat):
+  """Against no remat. The offload policies compile and run on CPU too, where JAX lowers the transfers to
+  host memory to nothing (a training job refuses them there: tests/test_train_config.py)."""
   cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2)
   toks = jnp.asarray(tokens(2, 13))
 

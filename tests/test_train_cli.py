@@ -42,6 +42,9 @@ def train(workdir, *flags, cache_dir=None):
     ("--config.eval_every=-1", "config.eval_every=-1 must be >= 0"),
     ("--config.microbatches=3", "config.microbatches=3 must be >= 1 and divide batch_size=2"),
     ("--config.profile_steps=5,500", "config.profile_steps='5,500' must lie inside the run"),
+    (("--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16"),
+     "config.model.attention_impl='cudnn' needs a GPU"),  # this test runs on CPU
+    ("--config.model.remat=offload_qkv_proj", "config.model.remat='offload_qkv_proj' offloads to host"),
     (("--config.data.mixture=famjax_demo", "--config.data.repeat_segment_len=0", "--config.eval_every=5",
       "--config.eval_mixture=nope"), "config.eval_mixture='nope'"),
     (("--config.data.mixture=famjax_demo", "--config.data.repeat_segment_len=0", "--config.eval_every=5",

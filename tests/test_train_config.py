@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from configs import base, demo, fam_1b, fam_8b, fam_24b, paper  # noqa: E402
 from famjax.model import init_params, param_shapes  # noqa: E402
 from famjax.training import lora  # noqa: E402
-from famjax.training.config import ConfigError, incompatible_fields, job_config  # noqa: E402
+from famjax.training.config import ConfigError, check_platform, incompatible_fields, job_config  # noqa: E402
+from famjax.training.trainer import Trainer  # noqa: E402
 
 
 def build(config, vocab=259):
@@ -52,7 +53,7 @@ class _null:
     ("steps", 0), ("batch_size", -1), ("checkpoint_every", -1), ("z_loss", -0.1), ("steps", 2.5),
     ("log_every", "10"), ("tensorboard", 1),
     ("model.fam_len", 100), ("model.block_size", -4), ("model.n_kv_heads", 3), ("model.attention", "x"),
-    ("model.d_model", "big"),
+    ("model.d_model", "big"), ("model.attention_chunk", -1), ("model.attention_impl", "flash"),
     ("optimizer.name", "sgd"), ("optimizer.learning_rate", 0.0), ("optimizer.b1", 1.0),
     ("optimizer.schedule", "linear"), ("lora.rank", -1), ("lora.targets", "q,proj"),
     ("fam.rsp_prob", 1.5), ("fam.rsp_start_step", -1), ("fam.rpo", "yes"), ("mesh.data", 0), ("mesh", -1),
@@ -94,10 +95,28 @@ def test_vocab_smaller_than_data_is_refused():
     build(config)
 
 
+@pytest.mark.parametrize("field,value", [("attention_impl", "cudnn"), ("remat", "offload_qkv_proj"),
+                                         ("remat", "offload_dots_no_batch")])
+def test_what_the_platform_cannot_run_is_refused_before_compiling(field, value):
+  """cuDNN attention off GPU; host offload on CPU (JAX drops the transfers there: no memory saved)."""
+  config = demo.get_config().to_dict()
+  config["model"].update({field: value, "dtype": "bfloat16"})
+  job = build(config)  # a valid model: the platform decides
+  for backend in ("cpu", "tpu") if field == "attention_impl" else ("cpu",):
+    with pytest.raises(ConfigError, match=rf"^config\.model\.{field}='?{value}'?\b") as e:
+      check_platform(job.model, backend)
+    assert "\n" not in str(e.value)
+  check_platform(job.model, "gpu")
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ConfigError, match=rf"config\.model\.{field}"):
+      Trainer(job)
+
+
 def test_incompatible_fields_ignore_resumable_ones():
   a = build(demo.get_config()).to_dict()
   b = build(demo.get_config()).to_dict()
   b["steps"], b["log_every"], b["mesh"]["data"] = 10_000, 1, 8
+  b["model"]["attention_chunk"], b["model"]["attention_impl"] = 2, "cudnn"  # how, not what, it computes
   assert incompatible_fields(a, b) == []
   b["model"]["d_model"] = 512
   b["optimizer"]["learning_rate"] = 1.0

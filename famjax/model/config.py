@@ -31,8 +31,22 @@ REMAT = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("qkv"),
+    # As "dots_no_batch" and "save_qkv_proj", but what they save goes to host memory and comes back for
+    # the backward pass. TPU and GPU only: on CPU, host memory is device memory and JAX lowers the
+    # transfers to nothing, so the policies compile and compute the same gradients but save no memory
+    # (famjax.training refuses them there, OFFLOAD_POLICIES).
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "offload_qkv_proj": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("qkv",), offload_src="device",
+        offload_dst="pinned_host"),
 }
 REMAT_POLICIES = ("none", *REMAT)
+OFFLOAD_POLICIES = ("offload_dots_no_batch", "offload_qkv_proj")
+
+# How the block attention computes softmax(q.k) v (`ModelConfig.attention_impl`): "xla" is
+# famjax.model.layers.attend, the reference; "cudnn" is jax.nn.dot_product_attention's cuDNN fused kernel
+# (GPU only, bfloat16/float16 only), through famjax.model.layers.dot_product_attention.
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 def _as_dtype(name: str, value: Any) -> Any:
@@ -64,7 +78,18 @@ class ModelConfig:
     embed_scale: multiply token embeddings by sqrt(d_model) (Gemma-style; off for Llama).
     dtype: compute dtype (activations, matmuls). Softmax and norms run in float32 regardless.
     param_dtype: storage dtype of the parameters (the master copy in training).
-    remat: activation checkpointing policy of the scan over layers, one of REMAT_POLICIES.
+    remat: activation checkpointing policy of the scan over layers, one of REMAT_POLICIES ("offload_*":
+      TPU and GPU only).
+    attention_chunk: query blocks whose attention scores exist at once in the bswa/fam forward. 0 (the
+      default): all blocks of a chunk at once. k > 0: the blocks go k at a time through a `lax.map`
+      with `jax.checkpoint` around each group, so the backward pass recomputes one group's scores
+      instead of storing every block's ([blocks, block_size, (m+1) * block_size + F] float32 per head
+      and example). Same logits and gradients; it changes memory, not the math. A chunk of at most k
+      blocks (streaming, decode) runs as one group.
+    attention_impl: the kernel of the bswa/fam block attention and of full attention's query chunks, one
+      of ATTENTION_IMPLS: "xla" (famjax.model.layers.attend, the reference) or "cudnn"
+      (jax.nn.dot_product_attention's fused cuDNN kernel: GPU only, and dtype bfloat16 or float16). The
+      platform is checked where a job is built (famjax.training.config.check_platform), not here.
     init_std: standard deviation of the random initialisation of weight matrices and embeddings; None
       (the default) scales it to the width, d_model ** -0.5 (fan-in scaling of the projections that read
       the residual stream), which is 0.125 at d_model 64 and 0.0156 at 4096. A fixed 0.02 (GPT-2's) is
@@ -95,6 +120,8 @@ class ModelConfig:
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
   remat: str = "full"
+  attention_chunk: int = 0
+  attention_impl: str = "xla"
   init_std: float | None = None
   fam_gate: bool = False
 
@@ -104,7 +131,7 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("mem_segments", "fam_len"):
+    for name in ("mem_segments", "fam_len", "attention_chunk"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -144,11 +171,17 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std!r}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.attention_impl!r}")
     for name in ("dtype", "param_dtype"):
       dt = _as_dtype(name, getattr(self, name))
       if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"ModelConfig.{name} must be a floating dtype, got {dt}")
       object.__setattr__(self, name, dt.name)  # stored as a name so the config stays hashable
+    if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
+      raise ValueError(f"ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused "
+                       f"attention has no {self.dtype} kernel), got dtype={self.dtype!r}")
 
   @property
   def compute_dtype(self) -> jnp.dtype:

@@ -8,10 +8,11 @@ equals the parallel forward by construction, and the tests check both against a 
 The execution order (spec §9):
   1. project all new tokens at once (q, k, v);
   2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block;
-  3. the block attention of every block at once, given the FAM each block saw;
+  3. the block attention of every block at once, given the FAM each block saw (or
+     `ModelConfig.attention_chunk` blocks at a time, recomputed in the backward pass);
   4. the output projection and MLP of all tokens (in `decoder_layer`).
 No L x L score matrix exists: per row and head the scores are [blocks, S, (m+1)*S + F], memory
-O(L * (m+1) * S).
+O(L * (m+1) * S), or O(k * S * ((m+1)*S + F)) with attention_chunk k.
 
 Letters in the shapes of this file: B batch (as in the einsum strings, where T is tokens), S block size,
 C blocks of a chunk, m memory blocks, F FAM length, D model width, N query heads, K key/value heads,
@@ -24,14 +25,15 @@ state and rotated at use. Only `position_offset` (RPO, spec §6) adds a large nu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from famjax.model.config import ModelConfig
-from famjax.model.layers import attend, rms_norm, rope, swiglu
+from famjax.model.layers import attend, dot_product_attention, rms_norm, rope, swiglu
 
 
 class LayerContext(NamedTuple):
@@ -74,6 +76,34 @@ def _positions(rel: jax.Array, offset: jax.Array | None) -> jax.Array:
   if offset is None:
     return rel
   return offset.reshape(offset.shape + (1,) * rel.ndim) + rel
+
+
+def _attention(cfg: ModelConfig) -> Callable:
+  """The attention kernel of the block and full attention: `attend` or a fused one (attention_impl)."""
+  if cfg.attention_impl == "xla":
+    return attend
+  return functools.partial(dot_product_attention, implementation=cfg.attention_impl)
+
+
+def _attend_blocks(cfg: ModelConfig, q, k, v, mask):
+  """The attention of C blocks of queries: q [B, C, Q, N, H], k/v [B, C, R, K, H], mask [B, C, Q, R].
+
+  All blocks at once, or (attention_chunk = G > 0, more than G blocks) G blocks at a time in a lax.map
+  whose body is under jax.checkpoint: the scores of one group exist at a time, in the forward pass and
+  in the backward pass, which recomputes them. The last group is padded with fully masked blocks.
+  """
+  attention, G, C = _attention(cfg), cfg.attention_chunk, q.shape[1]
+  if not G or C <= G:
+    return attention(q, k, v, mask)
+  groups = -(-C // G)
+
+  def split(x):  # [B, C, ...] -> [groups, B, G, ...]
+    x = jnp.pad(x, [(0, 0), (0, groups * G - C)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], groups, G, *x.shape[2:]), 1, 0)
+
+  body = jax.checkpoint(lambda group: attention(*group), prevent_cse=False)
+  out = jax.lax.map(body, tuple(map(split, (q, k, v, mask))))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], groups * G, *q.shape[2:])[:, :C]
 
 
 def _project_qkv(p: dict, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -251,8 +281,8 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
     masks.append(fam_mask)
 
   masks = [jnp.broadcast_to(mask, (Bsz, C, Q, mask.shape[-1])) for mask in masks]
-  out = attend(q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
-               jnp.concatenate(masks, axis=-1))
+  out = _attend_blocks(cfg, q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
+                       jnp.concatenate(masks, axis=-1))
   if C == 1:
     out = out[:, 0]
   else:
@@ -289,8 +319,8 @@ def full_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, 
     if info.segment_ids is not None:
       q_seg = jnp.take(info.segment_ids, jnp.minimum(q_pos, n - 1), axis=1)
       mask = mask & (q_seg[:, :, None] == key_seg[:, None, :])
-    return attend(rope(q_chunk, _positions(q_pos, info.position_offset), cfg.rope_theta),
-                  keys, values, mask)
+    return _attention(cfg)(rope(q_chunk, _positions(q_pos, info.position_offset), cfg.rope_theta),
+                           keys, values, mask)
 
   S = cfg.block_size
   if n <= S:

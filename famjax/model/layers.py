@@ -68,3 +68,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("...KGSR,...RKH->...SKGH", probs, v)
   return out.reshape(*lead, S, N, H)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          implementation: str) -> jax.Array:
+  """`attend`'s contract through `jax.nn.dot_product_attention(..., implementation=implementation)`.
+
+  "cudnn" is the fused cuDNN kernel (GPU, bfloat16/float16 only); "xla" is JAX's own XLA version of the
+  same function, which runs anywhere and is what the tests compare with `attend` on CPU. The leading
+  axes [...] are flattened into JAX's batch axis. GQA (K < N) is native to both. The boolean mask is
+  broadcast over heads ([B, 1, S, R]); both implementations turn a False into a large finite negative
+  score, so a fully masked row (a padding query) is finite, not NaN. XLA: -0.7 * float32 max, as
+  `attend`: a uniform softmax. cuDNN (JAX 0.10): an additive bias of -2**41 (bfloat16; the scores then
+  round away: uniform) or -2**15 (float16: the row's own scores remain), which matters to no output,
+  since padding is masked as a key everywhere.
+  """
+  *lead, S, N, H = q.shape
+  R = k.shape[-3]
+  batch = lambda x: x.reshape((-1,) + x.shape[len(lead):])  # noqa: E731
+  mask = jnp.broadcast_to(mask, (*lead, S, R)).reshape(-1, 1, S, R)
+  out = jax.nn.dot_product_attention(batch(q), batch(k), batch(v), mask=mask, implementation=implementation)
+  return out.reshape(q.shape)

@@ -17,6 +17,7 @@ import typing
 from typing import Any, Mapping
 
 from famjax.model import ModelConfig
+from famjax.model.config import OFFLOAD_POLICIES
 from famjax.model.params import PROJECTIONS
 from famjax.parallel import MeshConfig
 
@@ -270,11 +271,25 @@ def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
   return JobConfig(model=model, train=train, data=data, **sections)
 
 
+def check_platform(model: ModelConfig, backend: str) -> None:
+  """ConfigError when the model asks for what `backend` ("cpu", "gpu", "tpu": jax.default_backend())
+  cannot run: the cuDNN attention off GPU, a host-offload remat policy on CPU (whose host memory is its
+  device memory: JAX drops the transfers there, so the policy would keep everything on the device).
+  ModelConfig itself is platform-independent; the job calls this before it compiles."""
+  if model.attention_impl == "cudnn" and backend != "gpu":
+    raise ConfigError(f"config.model.attention_impl='cudnn' needs a GPU (this job runs on {backend}); "
+                      "use 'xla'")
+  if model.remat in OFFLOAD_POLICIES and backend not in ("gpu", "tpu"):
+    raise ConfigError(f"config.model.remat={model.remat!r} offloads to host memory, which only GPU and TPU "
+                      f"have (this job runs on {backend}); use 'full' or 'save_qkv_proj'")
+
+
 # Fields a resumed run may change; any other difference from the workdir's config.json is refused.
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
-    "model.remat", "microbatches", "loss_chunk", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths",
-    "eval_passkey_examples", "eval_passkey_format", "profile_steps",
+    "model.remat", "model.attention_chunk", "model.attention_impl", "microbatches", "loss_chunk",
+    "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths", "eval_passkey_examples",
+    "eval_passkey_format", "profile_steps",
 })
 
 

@@ -9,14 +9,22 @@ Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, do
   about the time of a 2-layer one). On simulated CPU devices these are XLA:CPU's buffer assignments; the
   TPU compiler fuses more (e.g. the softmax over the scores) and would usually need less, not more.
 * `estimate(job, sizes)`: a formula, no compiling: the train state exactly (every array's shard under
-  famjax's sharding rules on the mesh), the gradients of the trained arrays, the merged LoRA weights
-  (compute dtype) and their gradient (float32), the layer inputs that full remat keeps (one [b, T, D] per
-  layer), and the larger of the two activation peaks of the step: the loss (the float32 logits and their
-  gradient, the gathered output matrix) or one layer's backward (the attention scores of every block, the
-  MLP hidden activations, the layer's gathered weights), with the number of live copies XLA:CPU keeps of
-  each (ACTIVATION_COPIES: partly read from its buffer assignments, partly fitted). Against the 13
-  compiles of the paper configs in docs/launch.md it is within 5%; tests/test_memory_fit.py checks it
-  against compiles of small configs it was not fitted to.
+  famjax's sharding rules on the mesh), the gradients of the trained arrays (and their float32 sum over
+  microbatches with config.microbatches > 1), the merged LoRA weights (compute dtype) and their gradient
+  (float32), the layer inputs that full remat keeps (one [b, T, D] per layer, b the sequences of one
+  microbatch per data shard), and the larger of the two activation peaks of the step: the loss or one
+  layer's backward, with the number of live copies XLA:CPU keeps of each (ACTIVATION_COPIES,
+  CHUNKED_LOSS_COPIES: partly read from its buffer assignments, partly fitted).
+  The loss: the float32 logits of every token and their gradient and the gathered output matrix; with
+  config.loss_chunk, one chunk's logits, two gathered output matrices, the float32 copy XLA:CPU makes of
+  the saved layer inputs, and the LoRA factors of every layer gathered over data x fsdp.
+  A layer's backward: the attention scores of every block (with ModelConfig.attention_chunk, where this
+  famjax has it: of that many blocks, plus the float32 key/value windows of every block), the MLP's hidden
+  activations and the layer's gathered weights.
+  Against the compiles of the paper configs it was fitted to (13 without the memory-saving settings, 9
+  with loss_chunk and attention_chunk) it is within -5% .. +8% (+12% for loss_chunk without
+  attention_chunk); against 3 paper-scale compiles it was not fitted to, +1% .. +6% (docs/launch.md, "Will
+  it fit?"); tests/test_memory_fit.py checks it against compiles of small configs it was not fitted to.
 """
 
 from __future__ import annotations
@@ -35,10 +43,22 @@ from famjax.training.state import model_logical_axes, new_state, state_logical_a
 
 # Live copies XLA:CPU keeps at a layer's backward, in units of one float32 array: the attention scores of
 # all blocks (f32 scores, their gradient and softmax intermediates, a bf16 copy and the boolean mask: read
-# from the buffer assignments of the 1B and 24B steps), the MLP's [b, T, mlp] activations and their
-# gradients, and the layer's weights gathered over fsdp (counted as an f32 + compute-dtype pair each).
-# The last two, and LAYER_INPUT_EXTRA_BYTES, are fitted to the 13 compiles of docs/launch.md.
-ACTIVATION_COPIES = {"scores": 4.75, "mlp": 4.0, "layer_weights": 3.0}
+# from the buffer assignments of the 1B and 24B steps as 4.75 copies of 8 of the 9 blocks of 8704 tokens,
+# so 4.22 of all 9), the MLP's [b, T, mlp] activations and their gradients, and the layer's weights
+# gathered over fsdp (counted as an f32 + compute-dtype pair each). The last two, and
+# LAYER_INPUT_EXTRA_BYTES, are fitted to the 13 compiles of docs/launch.md without loss_chunk and
+# attention_chunk. With attention_chunk ("chunked_*"): the scores of the blocks computed at once, the
+# key/value windows of every block ([blocks, (m+1) * block + F, kv heads, head_dim] float32: 4 to 7
+# buffers in the 1B and 8B buffer assignments) and the MLP activations, which are no longer hidden behind
+# the scores (up to 7 buffers at distinct offsets in the 1B step's; 6 fitted).
+ACTIVATION_COPIES = {"scores": 4.22, "mlp": 4.0, "layer_weights": 3.0,
+                     "chunked_scores": 4.75, "kv_windows": 4.0, "chunked_mlp": 6.0}
+# With loss_chunk, at the loss: the output matrix gathered twice (two float32 all-gathers and two compute-
+# dtype copies at distinct offsets in the 1B, 8B and 24B buffer assignments), one chunk's float32 logits
+# (fitted: 1 copy) and the LoRA factors of every layer gathered in float32 (fitted: 1.75 times their
+# bytes). The "chunked" counts are fitted to 9 compiles of the paper configs with these settings
+# (benchmarks/memory_fit.py's points, and 1B on 128 chips with loss chunks 256 and 1088).
+CHUNKED_LOSS_COPIES = {"output_matrix": 2.0, "logits": 1.0, "lora_factors": 1.75}
 LAYER_INPUT_EXTRA_BYTES = 1  # per element of a saved layer input, beyond its compute-dtype copy
 
 
@@ -88,39 +108,66 @@ def _split(size: int, mesh_size: int) -> int:
 
 
 def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
-  """Per-device bytes of the training step, term by term, and "total" (see the module docstring)."""
+  """Per-device bytes of the training step, term by term, and "total" (see the module docstring).
+
+  Models config.microbatches (the activations of one microbatch of b = batch / (data * fsdp) / k
+  sequences, plus a float32 gradient accumulator), config.loss_chunk (the loss's logits `loss_chunk` tokens
+  at a time) and ModelConfig.attention_chunk where this famjax has it (the scores of that many query blocks
+  at a time, plus the key/value windows of every block)."""
   data, fsdp, tensor = sizes
   cfg, train = job.model, job.train
   if train.batch_size % (data * fsdp):
     raise ValueError(f"batch {train.batch_size} does not split over data*fsdp = {data * fsdp}")
+  per_shard, k = train.batch_size // (data * fsdp), train.microbatches
+  if per_shard % k:
+    raise ValueError(f"microbatches={k} does not divide the {per_shard} sequences per data shard "
+                     f"(batch {train.batch_size} over data*fsdp = {data * fsdp})")
   if cfg.remat != "full":
     raise ValueError(f"the estimate models remat='full' (the paper configs), not {cfg.remat!r}")
-  b, T, D, L = train.batch_size // (data * fsdp), train.seq_len, cfg.d_model, cfg.n_layers
+  b, T, D, L = per_shard // k, train.seq_len, cfg.d_model, cfg.n_layers
+  C, G = train.loss_chunk, getattr(cfg, "attention_chunk", 0)
   c = np.dtype(cfg.compute_dtype).itemsize
   heads, kv_heads = _split(cfg.n_heads, tensor), _split(cfg.n_kv_heads, tensor)
   vocab, mlp = _split(cfg.vocab_size, tensor), _split(cfg.mlp_dim, tensor)
   out = state_bytes(job, sizes)
+  if k > 1:  # the scan over microbatches carries the sum of their gradients
+    out["gradient_accumulator"] = out["gradients"]
+  lora_factors = 0  # the adapters of every layer gathered over data x fsdp (float32)
   if job.lora.enabled:  # W + scale * A @ B for every layer at once (compute dtype), its gradient (f32)
     axes = model_logical_axes(cfg)["layers"]
     mesh = jax.sharding.AbstractMesh(sizes, MESH_AXES)
-    layer_shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))["layers"]
+    layer_shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))["layers"]
     merged = sum(_shard_bytes(layer_shapes[n].shape, np.uint8, axes[n], mesh) for n in job.lora.targets)
     out["lora_merged"] = merged * (c + 4)
+    lora_factors = state_bytes(job, (1, 1, tensor))["trained"]
   # what full remat keeps of each layer for the backward: its input in the compute dtype (+ fitted extra)
-  out["layer_inputs"] = L * b * T * D * (c + LAYER_INPUT_EXTRA_BYTES)
+  inputs = L * b * T * D
+  out["layer_inputs"] = inputs * (c + LAYER_INPUT_EXTRA_BYTES)
+  H, copies = cfg.head_dim, ACTIVATION_COPIES
+  kv_windows = 0
   if cfg.uses_blocks:
-    blocks, width = T // cfg.block_size, (cfg.mem_segments + 1) * cfg.block_size + cfg.fam_len
-    scores = b * blocks * heads * cfg.block_size * width * 4
+    blocks, width = -(-T // cfg.block_size), (cfg.mem_segments + 1) * cfg.block_size + cfg.fam_len
+    if G and G < blocks:  # G blocks' scores at a time; the keys and values of every block's window
+      scores = copies["chunked_scores"] * b * G * heads * cfg.block_size * width * 4
+      kv_windows = b * blocks * width * kv_heads * H * 4
+    else:
+      scores = copies["scores"] * b * blocks * heads * cfg.block_size * width * 4
   else:  # one query chunk of block_size at a time
-    scores = b * heads * cfg.block_size * T * 4
-  H = cfg.head_dim
+    scores = copies["scores"] * b * heads * cfg.block_size * T * 4
   layer_weights = (D * (heads + 2 * kv_heads) * H + heads * H * D + 3 * D * mlp) * (4 + c)
-  layer = (ACTIVATION_COPIES["scores"] * scores + ACTIVATION_COPIES["mlp"] * b * T * mlp * 4 +
-           ACTIVATION_COPIES["layer_weights"] * layer_weights)
-  loss = 2 * b * T * vocab * 4 + vocab * D * (4 + c)  # logits and their gradient; the output matrix
+  layer = (scores + copies["kv_windows"] * kv_windows + copies["layer_weights"] * layer_weights
+           + copies["chunked_mlp" if kv_windows else "mlp"] * b * T * mlp * 4)
+  output_matrix = vocab * D * (4 + c)  # gathered over fsdp: float32 and a compute-dtype copy
+  if C:  # one chunk's logits at a time; the output matrix, the layer inputs' float32 copy, the adapters
+    loss = (CHUNKED_LOSS_COPIES["output_matrix"] * output_matrix
+            + CHUNKED_LOSS_COPIES["logits"] * b * C * vocab * 4
+            + inputs * max(0, 4 - c - LAYER_INPUT_EXTRA_BYTES)
+            + CHUNKED_LOSS_COPIES["lora_factors"] * lora_factors)
+  else:  # the logits of every token and their gradient; the output matrix
+    loss = 2 * b * T * vocab * 4 + output_matrix
   out["activation_peak"] = int(max(layer, loss))
   out["activation_peak_is"] = "loss" if loss >= layer else "layer"
-  out["total"] = sum(v for k, v in out.items() if isinstance(v, int) and k != "total")
+  out["total"] = sum(v for key, v in out.items() if isinstance(v, int) and key != "total")
   return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from famjax.model import ModelConfig, init_params
 from famjax.parallel import (activation_constraint, batch_sharding, make_mesh, mirror_shardings, replicated,
                              tree_shardings)
-from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig
+from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig, check_platform
 from famjax.training.optimizer import learning_rate_schedule, make_optimizer
 from famjax.training.state import TrainState, model_logical_axes, new_state, state_logical_axes
 from famjax.training.step import eval_sums, make_train_step
@@ -120,6 +120,7 @@ class Trainer:
   def __init__(self, job: JobConfig, devices=None):
     self.job = job
     self.mesh = make_mesh(job.mesh, devices)
+    check_platform(job.model, self.mesh.devices.flat[0].platform)  # before anything compiles
     self.programs = programs(StepSpec.of(job, self.mesh))
     self.param_shardings = self.programs.param_shardings
     self.state_shardings = self.programs.state_shardings

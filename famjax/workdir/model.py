@@ -14,6 +14,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import jax
+
 from famjax.model import ModelConfig, Transformer
 from famjax.model.lora import merge_trained
 from famjax.workdir import layout
@@ -72,4 +74,16 @@ def load_model(path, step: int | None = None) -> tuple[Transformer, int]:
     cfg = model_config(config)
   except WorkdirError as e:
     raise WorkdirError(f"{Path(path)}: {e}") from None
-  return Transformer(cfg, params=params), step
+  return Transformer(_runnable_here(cfg), params=params), step
+
+
+def _runnable_here(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with the reference attention kernel ("xla", the same function) when the run's own
+  (attention_impl "cudnn": GPU only) cannot run on this host, so a run trained on a GPU can be evaluated
+  anywhere. A training job refuses instead (famjax.training.config.check_platform)."""
+  if cfg.attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    warnings.warn(f"the run's model.attention_impl={cfg.attention_impl!r} needs a GPU; this host "
+                  f"({jax.default_backend()}) computes the same attention with 'xla'", RuntimeWarning,
+                  stacklevel=3)
+    return cfg.replace(attention_impl="xla")
+  return cfg
