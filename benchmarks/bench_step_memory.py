@@ -1,12 +1,13 @@
 """What gradient accumulation and the chunked loss cost and save: the demo's train step, compiled.
 
-  python benchmarks/bench_step_memory.py [--steps 5]
+  python benchmarks/bench_step_memory.py [--steps 5] [--tables microbatches,loss]
 
 For each row: the step's memory per device from XLA's memory_analysis (arguments + outputs - donated +
 temporaries, the line famjax.train prints at compile) and the median time of `--steps` steps, the rows
 of one table run interleaved (one step of each in turn) so that the machine's load falls on all alike;
 the ratio is to the table's first row. The demo config (configs/demo.py: batch 8 x 512, one device) on
-synthetic batches; the chunked-loss table also at a 32768-token vocabulary, where the logits matter.
+synthetic batches; the chunked-loss table also at a 32768-token vocabulary, where the logits matter, with
+the loss in tiles of 128 tokens x a quarter of the vocabulary (loss_vocab_chunk).
 The tables of docs/training.md ("Gradient accumulation", "The loss a chunk at a time") come from here.
 """
 
@@ -67,12 +68,20 @@ def table(title: str, rows: dict, steps: int) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--tables", default="microbatches,loss", help="which tables: microbatches, loss")
   args = parser.parse_args()
-  table("gradient accumulation (demo, batch 8 x 512)",
-        {f"microbatches={k}": trainer(microbatches=k) for k in (1, 2, 4, 8)}, args.steps)
-  for vocab in (259, 32768):
-    table(f"chunked loss (demo, vocabulary {vocab})",
-          {f"loss_chunk={c}": trainer(loss_chunk=c, vocab_size=vocab) for c in (0, 128)}, args.steps)
+  tables = args.tables.split(",")
+  if "microbatches" in tables:
+    table("gradient accumulation (demo, batch 8 x 512)",
+          {f"microbatches={k}": trainer(microbatches=k) for k in (1, 2, 4, 8)}, args.steps)
+  if "loss" in tables:
+    for vocab in (259, 32768):
+      tile = -(-vocab // 4)
+      table(f"chunked loss (demo, vocabulary {vocab})",
+            {"loss_chunk=0": trainer(vocab_size=vocab),
+             "loss_chunk=128": trainer(loss_chunk=128, vocab_size=vocab),
+             f"loss_chunk=128, loss_vocab_chunk={tile}": trainer(loss_chunk=128, loss_vocab_chunk=tile,
+                                                                  vocab_size=vocab)}, args.steps)
 
 
 if __name__ == "__main__":

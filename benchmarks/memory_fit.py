@@ -19,10 +19,10 @@ The search (--compile): for each point of --compile_points (the paper's: 1B on 3
 128; the global batch of 128 sequences of 8704 tokens split over data x fsdp by mesh_for), the step is
 compiled with 1, 2, 4, ... microbatches (the divisors of the sequences per data shard, in increasing
 order) until one fits --hbm_gib; every count tried is a record of --out. The memory-saving settings a user
-would turn on with it are options (--loss_chunk, --attention_chunk; printed first). --one_sequence adds
-the step of one sequence per chip (1B on 128 chips, 1 microbatch); --baseline the same points as the paper
-configs define the step (1 microbatch, loss_chunk 0, attention_chunk 0); --microbatches K compiles every
-point at K instead of searching.
+would turn on with it are options (--loss_chunk, --loss_vocab_chunk, --attention_chunk; printed first).
+--one_sequence adds the step of one sequence per chip (1B on 128 chips, 1 microbatch); --baseline the same
+points as the paper configs define the step (1 microbatch, no loss or attention chunks); --microbatches K
+compiles every point at K instead of searching.
 """
 
 from __future__ import annotations
@@ -55,15 +55,20 @@ HAS_ATTENTION_CHUNK = "attention_chunk" in {f.name for f in dataclasses.fields(M
 # the [512, 256000] logits matmul compute-bound on a TPU (512 flops per byte of the bf16 output matrix);
 # one query block's attention scores at a time.
 DEFAULT_LOSS_CHUNK = 512
+# and 32000 of the 256000 vocabulary entries at a time (8 tiles): the output matrix is gathered a tile at a
+# time, [D, 32000] in bfloat16, and each tile's gradient leaves the chip once summed.
+DEFAULT_LOSS_VOCAB_CHUNK = 32000
 DEFAULT_ATTENTION_CHUNK = 1 if HAS_ATTENTION_CHUNK else 0
 
 
 # -- configs --------------------------------------------------------------------------------------------
 
 def paper_job(size: str, *, batch_size: int = GLOBAL_BATCH, mesh: tuple = (1, -1, 1), n_layers=None,
-              seq_len=None, lora_rank=None, microbatches: int = 1, loss_chunk: int = 0, **model) -> JobConfig:
+              seq_len=None, lora_rank=None, microbatches: int = 1, loss_chunk: int = 0,
+              loss_vocab_chunk: int = 0, **model) -> JobConfig:
   """configs/fam_<size>.py (the paper's recipe, LoRA rank 64) with `mesh` = (data, fsdp, tensor), and
-  optionally other sizes (`n_layers`, `seq_len`, `lora_rank`), `microbatches`, `loss_chunk` and any
+  optionally other sizes (`n_layers`, `seq_len`, `lora_rank`), `microbatches`, `loss_chunk`,
+  `loss_vocab_chunk` and any
   ModelConfig field (attention_chunk=0 is dropped where ModelConfig lacks the field)."""
   from configs import paper
   c = paper.get_config(size).to_dict()
@@ -71,6 +76,7 @@ def paper_job(size: str, *, batch_size: int = GLOBAL_BATCH, mesh: tuple = (1, -1
   c["seq_len"] = seq_len or c["seq_len"]
   c["microbatches"] = microbatches
   c["loss_chunk"] = loss_chunk
+  c["loss_vocab_chunk"] = loss_vocab_chunk
   c["lora"]["rank"] = c["lora"]["rank"] if lora_rank is None else lora_rank
   c["data"]["mixture"] = "synthetic"  # the sizes are the config's; no data needed to lower the step
   c["mesh"] = dict(zip(MESH_AXES, mesh))
@@ -99,7 +105,8 @@ def point_job(record: dict) -> JobConfig:
   model = {"attention_chunk": record.get("attention_chunk", 0)}
   return paper_job(record["size"], batch_size=record.get("batch_size", GLOBAL_BATCH),
                    mesh=tuple(record["mesh"]), microbatches=record.get("microbatches", 1),
-                   loss_chunk=record.get("loss_chunk", 0), **model)
+                   loss_chunk=record.get("loss_chunk", 0),
+                   loss_vocab_chunk=record.get("loss_vocab_chunk", 0), **model)
 
 
 # -- compiling -------------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def search_point(point: dict) -> list[dict]:
   records = []
   for k in point["candidates"]:
     record = {key: point[key] for key in ("size", "chips", "mesh", "role", "batch_size", "loss_chunk",
-                                          "attention_chunk", "hbm_gib")}
+                                          "loss_vocab_chunk", "attention_chunk", "hbm_gib")}
     job = point_job({**record, "microbatches": k})
     b = sequences_per_shard(point["mesh"], point["batch_size"])
     record.update(microbatches=k, sequences_per_chip=b, sequences_per_microbatch=b // k,
@@ -164,10 +171,16 @@ def with_estimates(records: list[dict]) -> list[dict]:
   return [{**r, "estimate": int(estimate(point_job(r), tuple(r["mesh"]))["total"])} for r in records]
 
 
-def row_estimates(size: str, mesh, loss_chunk: int, attention_chunk: int) -> dict[int, int]:
+SETTINGS = ("loss_chunk", "loss_vocab_chunk", "attention_chunk")  # the memory-saving settings of a record
+
+
+def _settings(record: dict) -> tuple:
+  return tuple(record.get(name, 0) for name in SETTINGS)
+
+
+def row_estimates(size: str, mesh, settings: dict) -> dict[int, int]:
   """microbatches -> estimated bytes, for every count that divides the sequences per data shard."""
-  return {k: estimate(paper_job(size, mesh=mesh, microbatches=k, loss_chunk=loss_chunk,
-                                attention_chunk=attention_chunk), mesh)["total"]
+  return {k: estimate(paper_job(size, mesh=mesh, microbatches=k, **settings), mesh)["total"]
           for k in divisors(sequences_per_shard(mesh))}
 
 
@@ -176,23 +189,22 @@ def fewest_microbatches(estimates: dict[int, int], hbm_gib: float):
   return next((k for k, total in sorted(estimates.items()) if total <= hbm_gib * GIB), None)
 
 
-def estimate_table(sizes, chips, hbm_gib: float, loss_chunk: int, attention_chunk: int, compiled=()) -> str:
+def estimate_table(sizes, chips, hbm_gib: float, settings: dict, compiled=()) -> str:
   """Markdown: per model and chip count, the mesh, the estimate and compile (where there is one, from
   --load or --compile, with the same settings) at 1 microbatch, and per chip's HBM the fewest
   microbatches whose estimate fits ("no": not even one sequence per microbatch)."""
   hbms = dict(HBM_GIB)
   if hbm_gib not in hbms.values():
     hbms["--hbm_gib"] = hbm_gib
-  settings = (1, loss_chunk, attention_chunk)
   compiled = {(r["size"], tuple(r["mesh"])): r for r in compiled
-              if (r.get("microbatches", 1), r.get("loss_chunk", 0), r.get("attention_chunk", 0)) == settings}
+              if r.get("microbatches", 1) == 1 and _settings(r) == _settings(settings)}
   lines = ["| model | chips | mesh (data, fsdp, tensor) | sequences / chip | estimate GiB, 1 microbatch "
            "| compiled GiB, 1 microbatch | " + " | ".join(f"{chip} {hbm:g} GiB" for chip, hbm in hbms.items())
            + " |", "|---|---:|---|---:|---:|---:|" + "---:|" * len(hbms)]
   for size in sizes:
     for n in chips:
       mesh = mesh_for(n)
-      estimates = row_estimates(size, mesh, loss_chunk, attention_chunk)
+      estimates = row_estimates(size, mesh, settings)
       got = compiled.get((size, mesh), {}).get("total")
       marks = [str(fewest_microbatches(estimates, hbm) or "no") for hbm in hbms.values()]
       cells = [size.upper(), f"{n}{' (paper)' if PAPER_CHIPS.get(size) == n else ''}", str(mesh),
@@ -213,12 +225,12 @@ def search_table(records: list[dict]) -> str:
   """Markdown: every compiled record, by model, chips, baseline first, microbatches."""
   records = sorted(records, key=_order)
   lines = ["| model | chips | mesh (data, fsdp, tensor) | sequences / chip | microbatches | sequences / "
-           "microbatch | loss_chunk | attention_chunk | compiled GiB | estimate GiB | fits | compile s |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "microbatch | loss_chunk | loss_vocab_chunk | attention_chunk | compiled GiB | estimate GiB | fits "
+           "| compile s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
   for r in records:
     cells = [r["size"].upper(), str(r["chips"]), str(tuple(r["mesh"])), str(r["sequences_per_chip"]),
-             str(r["microbatches"]), str(r["sequences_per_microbatch"]), str(r["loss_chunk"]),
-             str(r["attention_chunk"]), f"{r['total'] / GIB:.2f}", f"{r['estimate'] / GIB:.2f}",
+             str(r["microbatches"]), str(r["sequences_per_microbatch"]),
+             *(str(r.get(name, 0)) for name in SETTINGS), f"{r['total'] / GIB:.2f}", f"{r['estimate'] / GIB:.2f}",
              f"{'yes' if r['fits'] else 'no'} ({r['hbm_gib']:g} GiB)", str(r["compile_s"])]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -236,13 +248,14 @@ def summary(records: list[dict], one_sequence_target_gib: float = 4.0) -> str:
     if role == "baseline":
       r = rs[0]
       lines.append(f"* as the paper configs define the step ({where}, 1 microbatch, loss_chunk 0, "
-                   f"attention_chunk 0): {r['total'] / GIB:.2f} GiB compiled")
+                   f"loss_vocab_chunk 0, attention_chunk 0): {r['total'] / GIB:.2f} GiB compiled")
       continue
     if role == "one_sequence":
       r = rs[0]
       met = "met" if r["total"] <= one_sequence_target_gib * GIB else "not met"
       lines.append(f"* one {size.upper()} sequence per chip ({where}, {r['microbatches']} microbatch, "
-                   f"loss_chunk {r['loss_chunk']}, attention_chunk {r['attention_chunk']}): "
+                   f"loss_chunk {r['loss_chunk']}, loss_vocab_chunk {r.get('loss_vocab_chunk', 0)}, "
+                   f"attention_chunk {r['attention_chunk']}): "
                    f"{r['total'] / GIB:.2f} GiB compiled (target <= {one_sequence_target_gib:g} GiB: {met})")
       continue
     fit = [r for r in rs if r["fits"]]
@@ -281,6 +294,8 @@ def main(argv=None) -> None:
   parser.add_argument("--hbm_gib", type=float, default=16.0, help="a chip's HBM in GiB (default: v5e's 16)")
   parser.add_argument("--loss_chunk", type=int, default=DEFAULT_LOSS_CHUNK,
                       help=f"config.loss_chunk: tokens of logits at a time (0: all; must divide {SEQ_LEN})")
+  parser.add_argument("--loss_vocab_chunk", type=int, default=DEFAULT_LOSS_VOCAB_CHUNK,
+                      help="config.loss_vocab_chunk: vocabulary entries of logits at a time (0: all)")
   parser.add_argument("--attention_chunk", type=int, default=DEFAULT_ATTENTION_CHUNK,
                       help="config.model.attention_chunk: query blocks whose scores exist at once (0: all)")
   parser.add_argument("--microbatches", type=int, default=0,
@@ -308,6 +323,8 @@ def main(argv=None) -> None:
     _fail(f"--hbm_gib={args.hbm_gib:g} must be > 0")
   if args.loss_chunk < 0 or (args.loss_chunk and SEQ_LEN % args.loss_chunk):
     _fail(f"--loss_chunk={args.loss_chunk} must be 0 or divide the sequence length {SEQ_LEN}")
+  if args.loss_vocab_chunk < 0 or (args.loss_vocab_chunk and not args.loss_chunk):
+    _fail(f"--loss_vocab_chunk={args.loss_vocab_chunk} must be >= 0, and needs --loss_chunk > 0")
   if args.attention_chunk < 0:
     _fail(f"--attention_chunk={args.attention_chunk} must be >= 0")
   if args.attention_chunk and not HAS_ATTENTION_CHUNK:
@@ -322,8 +339,10 @@ def main(argv=None) -> None:
     if args.microbatches and b % args.microbatches:
       _fail(f"--microbatches={args.microbatches} does not divide the batch of {size} on {chips} chips "
             f"({GLOBAL_BATCH} sequences over data x fsdp = {GLOBAL_BATCH // b}: {b} per shard)")
-  settings = dict(loss_chunk=args.loss_chunk, attention_chunk=args.attention_chunk)
-  print(f"settings: loss_chunk={args.loss_chunk}, attention_chunk={args.attention_chunk}"
+  settings = dict(loss_chunk=args.loss_chunk, loss_vocab_chunk=args.loss_vocab_chunk,
+                  attention_chunk=args.attention_chunk)
+  print(f"settings: loss_chunk={args.loss_chunk}, loss_vocab_chunk={args.loss_vocab_chunk}, "
+        f"attention_chunk={args.attention_chunk}"
         f"{'' if HAS_ATTENTION_CHUNK else ' (ModelConfig has no attention_chunk)'}, "
         f"microbatches={args.microbatches or 'searched'}, hbm_gib={args.hbm_gib:g}; the paper's recipe: "
         f"global batch {GLOBAL_BATCH} x {SEQ_LEN} tokens, remat full, LoRA rank 64, bfloat16 compute\n")
@@ -341,7 +360,7 @@ def main(argv=None) -> None:
         b = sequences_per_shard(mesh)
         candidates = ([1] if role != "paper" else [args.microbatches] if args.microbatches
                       else divisors(b))
-        point_settings = dict(loss_chunk=0, attention_chunk=0) if role == "baseline" else settings
+        point_settings = dict.fromkeys(SETTINGS, 0) if role == "baseline" else settings
         points.append({"role": role, "size": size, "chips": chips, "mesh": list(mesh),
                        "batch_size": GLOBAL_BATCH, "hbm_gib": args.hbm_gib, "candidates": candidates,
                        "stop_at_fit": role == "paper" and not args.microbatches, **point_settings})
@@ -360,7 +379,7 @@ def main(argv=None) -> None:
     print("compiled:\n\n" + search_table(searched_records) + "\n\n" + summary(searched_records) + "\n")
   print("estimate (chip columns: the fewest microbatches whose estimate fits; 'no': none does):\n")
   print(estimate_table(args.sizes.split(","), [int(n) for n in args.chips.split(",")], args.hbm_gib,
-                       args.loss_chunk, args.attention_chunk, records))
+                       settings, records))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def get_config() -> config_dict.ConfigDict:
   c.tensorboard = True        # write TensorBoard events to WORKDIR/tensorboard
   c.microbatches = 1          # gradient accumulation: the batch in this many pieces inside the step
   c.loss_chunk = 0            # tokens of logits at a time in the loss (0: all; e.g. 512 for a 256k vocab)
+  c.loss_vocab_chunk = 0      # and vocabulary entries at a time (0: all; e.g. 32000 for a 256k vocab)
   # Evaluation during training (logged as eval_* in metrics.jsonl, TensorBoard and the progress line).
   c.eval_every = 0            # evaluate every N steps; 0: never
   c.eval_steps = 20           # batches of the validation split per evaluation; 0: PassKey only

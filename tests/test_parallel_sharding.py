@@ -160,7 +160,11 @@ def test_lora_adapter_axes():
   shapes = lora.adapter_shapes(param_shapes(CFG)["layers"], cfg)
   axes = lora.adapter_logical_axes(cfg)
   assert logical_to_spec(axes["q"]["a"], shapes["q"]["a"], mesh) == P(None, "fsdp", None)
-  assert logical_to_spec(axes["q"]["b"], shapes["q"]["b"], mesh) == P(None, None, "tensor", None)
+  # the factor without an embed axis is split over fsdp on its last axis (else whole on every FSDP device)
+  assert logical_to_spec(axes["q"]["b"], shapes["q"]["b"], mesh) == P(None, None, "tensor", "fsdp")
+  assert logical_to_spec(axes["o"]["a"], shapes["o"]["a"], mesh) == P(None, "tensor", "fsdp", None)
+  assert logical_to_spec(axes["up"]["b"], shapes["up"]["b"], mesh) == P(None, None, ("tensor", "fsdp"))
+  assert logical_to_spec(axes["down"]["a"], shapes["down"]["a"], mesh) == P(None, ("tensor", "fsdp"), None)
   assert logical_to_spec(axes["down"]["b"], shapes["down"]["b"], mesh) == P(None, None, "fsdp")
 
 
@@ -170,12 +174,13 @@ def test_sharded_step_equals_single_device_step():
   out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-  assert "sharded == single device for (2, 2, 2) and (1, 4, 2), with 1 and 2 microbatches" in out.stdout
+  assert ("sharded == single device for (2, 2, 2) and (1, 4, 2), with 1 and 2 microbatches, and the tiled loss"
+          in out.stdout)
 
 
 # -- the 8-device check (run as a script) ------------------------------------------------------------------
 
-def _job(mesh, microbatches=1):
+def _job(mesh, microbatches=1, loss_chunk=0, loss_vocab_chunk=0):
   sys.path.insert(0, ROOT)
   from configs import demo
   from famjax.training.config import job_config
@@ -183,15 +188,16 @@ def _job(mesh, microbatches=1):
   c["model"].update(vocab_size=512, d_model=64, n_layers=1, n_heads=4, n_kv_heads=1, mlp_dim=128,
                     block_size=8, fam_len=0, mem_segments=1, dtype="float32", remat="none")
   c["data"]["mixture"] = "synthetic"
-  c.update(seq_len=32, batch_size=8, steps=3, microbatches=microbatches)
+  c.update(seq_len=32, batch_size=8, steps=3, microbatches=microbatches, loss_chunk=loss_chunk,
+           loss_vocab_chunk=loss_vocab_chunk)
   c["mesh"] = dict(zip(MESH_AXES, mesh))
   return job_config(c, vocab_size=256)
 
 
-def _train(mesh, devices, microbatches=1):
+def _train(mesh, devices, microbatches=1, **loss):
   from famjax.training.trainer import Trainer
   from famjax.training.synthetic import SyntheticBatches
-  trainer = Trainer(_job(mesh, microbatches), devices)
+  trainer = Trainer(_job(mesh, microbatches, **loss), devices)
   state = trainer.initial_state()
   it = SyntheticBatches(8, 32, seed=0)
   losses = []
@@ -204,8 +210,11 @@ def _train(mesh, devices, microbatches=1):
 def _main():
   assert jax.device_count() == 8, jax.devices()
   _, single, single_losses = _train((1, 1, 1), jax.devices()[:1])
-  for mesh, microbatches in [((2, 2, 2), 1), ((1, 4, 2), 1), ((2, 2, 2), 2), ((1, 4, 2), 2)]:
-    trainer, state, losses = _train(mesh, jax.devices(), microbatches)
+  # the last: the loss in tiles of 8 tokens x 64 vocabulary entries (its hand-written gradient, each tile of
+  # the output matrix gathered over fsdp and split over tensor, its gradient reduce-scattered)
+  for mesh, microbatches, loss in [((2, 2, 2), 1, {}), ((1, 4, 2), 1, {}), ((2, 2, 2), 2, {}), ((1, 4, 2), 2, {}),
+                                   ((1, 4, 2), 2, dict(loss_chunk=8, loss_vocab_chunk=64))]:
+    trainer, state, losses = _train(mesh, jax.devices(), microbatches, **loss)
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
                                                          atol=3e-5), state.trainable, single.trainable)
@@ -217,7 +226,7 @@ def _main():
                if jax.tree_util.keystr(path).endswith("['layers']['gate']")]
     assert len(moments) == 2 and all(m.sharding.spec == gate.sharding.spec for m in moments), moments
     assert trainer.batch_shardings["inputs"].spec[0] in (("data", "fsdp"), "fsdp")
-  print("sharded == single device for (2, 2, 2) and (1, 4, 2), with 1 and 2 microbatches")
+  print("sharded == single device for (2, 2, 2) and (1, 4, 2), with 1 and 2 microbatches, and the tiled loss")
 
 
 if __name__ == "__main__":

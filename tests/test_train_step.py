@@ -318,7 +318,8 @@ def test_microbatches_must_divide_the_batch():
 
 # -- the chunked loss ------------------------------------------------------------------------------------
 
-def test_chunked_cross_entropy_equals_the_whole_logits_with_gradients():
+@pytest.mark.parametrize("vocab_chunk", [0, 10, 16, 7, 64])  # one tile, even tiles, padded tiles, > V
+def test_chunked_cross_entropy_equals_the_whole_logits_with_gradients(vocab_chunk):
   from famjax.training.loss import chunked_cross_entropy
   rng = np.random.default_rng(0)
   B, T, D, V = 2, 24, 16, 50
@@ -331,7 +332,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_with_gradients():
     return weighted_cross_entropy(jnp.einsum("BTD,DV->BTV", h, w), targets, weights, 1e-3)
 
   def chunked(h, w):
-    return chunked_cross_entropy(h, w, targets, weights, 1e-3, chunk=8)
+    return chunked_cross_entropy(h, w, targets, weights, 1e-3, chunk=8, vocab_chunk=vocab_chunk)
 
   (loss_a, m_a), grads_a = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(h, w_out)
   (loss_b, m_b), grads_b = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(h, w_out)
@@ -344,6 +345,20 @@ def test_chunked_cross_entropy_equals_the_whole_logits_with_gradients():
     chunked_cross_entropy(h, w_out, targets, weights, chunk=7)
 
 
+def test_chunked_accuracy_takes_the_first_of_tied_maxima_across_tiles():
+  """Logits tied between vocabulary tiles: the argmax is the first, as jnp.argmax (accuracy agrees)."""
+  from famjax.training.loss import chunked_cross_entropy
+  D, V = 4, 12
+  w_out = jnp.zeros((D, V), jnp.float32).at[0, 2].set(1.0).at[0, 9].set(1.0)  # columns 2 and 9 tie
+  h = jnp.zeros((1, 4, D), jnp.float32).at[..., 0].set(3.0)
+  weights = jnp.ones((1, 4), jnp.float32)
+  for target, accuracy in ((2, 1.0), (9, 0.0)):
+    targets = jnp.full((1, 4), target, jnp.int32)
+    whole = weighted_cross_entropy(jnp.einsum("BTD,DV->BTV", h, w_out), targets, weights)[1]
+    tiled = chunked_cross_entropy(h, w_out, targets, weights, chunk=2, vocab_chunk=5)[1]
+    assert float(whole["accuracy"]) == float(tiled["accuracy"]) == accuracy
+
+
 def test_a_step_with_the_chunked_loss_equals_the_step_with_whole_logits():
   optimizer = make_optimizer(ADAMW, 20)
   init = jax.jit(lambda params: new_state(params, TINY, LoraConfig(), optimizer, 0))
@@ -351,7 +366,7 @@ def test_a_step_with_the_chunked_loss_equals_the_step_with_whole_logits():
   for chunk in (0, 8):
     step = jax.jit(make_train_step(TINY, LoraConfig(), FamTrainingConfig(), optimizer,
                                    learning_rate_schedule(ADAMW, 20), z_loss=1e-4, loss_chunk=chunk,
-                                   microbatches=2 if chunk else 1))
+                                   loss_vocab_chunk=100 if chunk else 0, microbatches=2 if chunk else 1))
     state, history = init(params_of(TINY)), []
     for b in batches(2, batch=4):
       state, metrics = step(state, b)

@@ -3,7 +3,7 @@
 Every parameter carries logical axis names (famjax.model.params.LOGICAL_AXES, and the LoRA adapters'
 names in famjax.training.lora); batches use "batch" and "length"; the activations the model pins between
 layers use ("batch", "length", "embed") and its logits ("batch", "length", "vocab"), see
-`activation_constraint`. A name maps to a mesh axis, a tuple of mesh axes, or None (replicated). A
+`activation_constraint`. A name (None: not split) maps to a mesh axis, a tuple of mesh axes, or None (replicated). A
 dimension is only split when its size is divisible by the mesh axes' product and no other dimension of
 the same array already uses those axes; otherwise it stays replicated (so small or oddly sized arrays,
 e.g. a 259-token vocabulary, still work). The optimizer state is split like the parameters it mirrors
@@ -30,6 +30,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "layers": None,
     "fam": None,
     "lora_rank": None,
+    # the LoRA factors without an "embed" axis (famjax.training.lora.FSDP_NAMES): split over fsdp too
+    "lora_head_dim": "fsdp",
+    "lora_mlp": ("tensor", "fsdp"),
 }
 
 
@@ -41,6 +44,9 @@ def logical_to_spec(names, shape, mesh: jax.sharding.Mesh, rules: dict = LOGICAL
   used: set[str] = set()
   spec = []
   for name, size in zip(names, shape):
+    if name is None:  # whole on every device (e.g. an FSDP-gathered weight)
+      spec.append(None)
+      continue
     if name not in rules:
       raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
     axes = rules[name]

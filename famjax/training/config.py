@@ -45,8 +45,10 @@ class TrainConfig:
   # Gradient accumulation: the batch runs as this many microbatches inside the step, one after another
   # (the same update; activations of one microbatch at a time).
   microbatches: int = 1
-  # Tokens of logits computed at a time in the loss (0: the whole [batch, seq_len, vocab] at once).
+  # Tokens of logits computed at a time in the loss (0: the whole [batch, seq_len, vocab] at once), and
+  # with it the vocabulary entries at a time (0: all; famjax.training.loss.chunked_cross_entropy).
   loss_chunk: int = 0
+  loss_vocab_chunk: int = 0
   # Evaluation during training (docs/training.md): every `eval_every` steps (0: off), the loss and
   # accuracy on `eval_steps` batches (0: none) of `eval_mixture`'s validation split ("": the training
   # mixture's),
@@ -72,6 +74,9 @@ class TrainConfig:
            f"must be >= 1 and divide batch_size={self.batch_size}", self.microbatches)
     _check(self.loss_chunk >= 0 and (self.loss_chunk == 0 or self.seq_len % self.loss_chunk == 0),
            "loss_chunk", f"must be 0 or divide seq_len={self.seq_len}", self.loss_chunk)
+    _check(self.loss_vocab_chunk >= 0 and (self.loss_vocab_chunk == 0 or self.loss_chunk > 0),
+           "loss_vocab_chunk", "must be >= 0, and needs loss_chunk > 0 (the tiles are loss_chunk tokens x "
+           "loss_vocab_chunk vocabulary entries)", self.loss_vocab_chunk)
     _check(self.eval_every >= 0, "eval_every", "must be >= 0 (0: no evaluation during training)",
            self.eval_every)
     self.profile_range  # pylint: disable=pointless-statement  # validates profile_steps
@@ -288,7 +293,7 @@ def check_platform(model: ModelConfig, backend: str) -> None:
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
     "model.remat", "model.attention_chunk", "model.attention_impl", "microbatches", "loss_chunk",
-    "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths", "eval_passkey_examples",
+    "loss_vocab_chunk", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths", "eval_passkey_examples",
     "eval_passkey_format", "profile_steps",
 })
 

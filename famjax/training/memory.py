@@ -16,8 +16,9 @@ Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, do
   layer's backward, with the number of live copies XLA:CPU keeps of each (ACTIVATION_COPIES,
   CHUNKED_LOSS_COPIES: partly read from its buffer assignments, partly fitted).
   The loss: the float32 logits of every token and their gradient and the gathered output matrix; with
-  config.loss_chunk, one chunk's logits, two gathered output matrices, the float32 copy XLA:CPU makes of
-  the saved layer inputs, and the LoRA factors of every layer gathered over data x fsdp.
+  config.loss_chunk, one tile's logits (loss_chunk tokens x loss_vocab_chunk entries), two gathered tiles
+  of the output matrix, the hidden states' float32 gradient, the float32 copy XLA:CPU makes of the saved
+  layer inputs, and the LoRA factors of every layer gathered over data x fsdp.
   A layer's backward: the attention scores of every block (with ModelConfig.attention_chunk, where this
   famjax has it: of that many blocks, plus the float32 key/value windows of every block), the MLP's hidden
   activations and the layer's gathered weights.
@@ -53,12 +54,14 @@ from famjax.training.state import model_logical_axes, new_state, state_logical_a
 # the scores (up to 7 buffers at distinct offsets in the 1B step's; 6 fitted).
 ACTIVATION_COPIES = {"scores": 4.22, "mlp": 4.0, "layer_weights": 3.0,
                      "chunked_scores": 4.75, "kv_windows": 4.0, "chunked_mlp": 6.0}
-# With loss_chunk, at the loss: the output matrix gathered twice (two float32 all-gathers and two compute-
-# dtype copies at distinct offsets in the 1B, 8B and 24B buffer assignments), one chunk's float32 logits
-# (fitted: 1 copy) and the LoRA factors of every layer gathered in float32 (fitted: 1.75 times their
-# bytes). The "chunked" counts are fitted to 9 compiles of the paper configs with these settings
+# With loss_chunk, at the loss: the output matrix (with loss_vocab_chunk, one tile of its columns)
+# gathered in float32 and a compute-dtype copy, 1.7 times (fitted; two float32 all-gathers and two
+# compute-dtype copies at distinct offsets in the 1B, 8B and 24B buffer assignments of the earlier loss,
+# which gathered the whole matrix), one tile's float32 logits (fitted: 1 copy), the float32 gradient of
+# the hidden states (the carry of the tiled loss's backward and a tile's share) and the LoRA factors of
+# every layer gathered in float32 (fitted: 1.75 times their bytes). The "chunked" counts are fitted to 9 compiles of the paper configs with these settings
 # (benchmarks/memory_fit.py's points, and 1B on 128 chips with loss chunks 256 and 1088).
-CHUNKED_LOSS_COPIES = {"output_matrix": 2.0, "logits": 1.0, "lora_factors": 1.75}
+CHUNKED_LOSS_COPIES = {"output_matrix": 1.7, "logits": 1.0, "lora_factors": 1.75, "hidden_gradient": 2.0}
 LAYER_INPUT_EXTRA_BYTES = 1  # per element of a saved layer input, beyond its compute-dtype copy
 
 
@@ -126,6 +129,7 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
     raise ValueError(f"the estimate models remat='full' (the paper configs), not {cfg.remat!r}")
   b, T, D, L = per_shard // k, train.seq_len, cfg.d_model, cfg.n_layers
   C, G = train.loss_chunk, getattr(cfg, "attention_chunk", 0)
+  vocab_tile = _split(min(train.loss_vocab_chunk or cfg.vocab_size, cfg.vocab_size), tensor)
   c = np.dtype(cfg.compute_dtype).itemsize
   heads, kv_heads = _split(cfg.n_heads, tensor), _split(cfg.n_kv_heads, tensor)
   vocab, mlp = _split(cfg.vocab_size, tensor), _split(cfg.mlp_dim, tensor)
@@ -158,9 +162,11 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
   layer = (scores + copies["kv_windows"] * kv_windows + copies["layer_weights"] * layer_weights
            + copies["chunked_mlp" if kv_windows else "mlp"] * b * T * mlp * 4)
   output_matrix = vocab * D * (4 + c)  # gathered over fsdp: float32 and a compute-dtype copy
-  if C:  # one chunk's logits at a time; the output matrix, the layer inputs' float32 copy, the adapters
-    loss = (CHUNKED_LOSS_COPIES["output_matrix"] * output_matrix
-            + CHUNKED_LOSS_COPIES["logits"] * b * C * vocab * 4
+  if C:  # one tile's logits at a time; a tile of the output matrix, the hidden states' float32 gradient,
+    # the layer inputs' float32 copy, the adapters
+    loss = (CHUNKED_LOSS_COPIES["output_matrix"] * vocab_tile * D * (4 + c)
+            + CHUNKED_LOSS_COPIES["logits"] * b * C * vocab_tile * 4
+            + CHUNKED_LOSS_COPIES["hidden_gradient"] * b * T * D * 4
             + inputs * max(0, 4 - c - LAYER_INPUT_EXTRA_BYTES)
             + CHUNKED_LOSS_COPIES["lora_factors"] * lora_factors)
   else:  # the logits of every token and their gradient; the output matrix

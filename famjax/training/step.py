@@ -57,7 +57,7 @@ def split_microbatches(x: jax.Array, k: int) -> jax.Array:
 def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTrainingConfig,
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule, z_loss: float = 0.0,
                     mask_between_examples: bool = False, constrain=None, microbatches: int = 1,
-                    loss_chunk: int = 0):
+                    loss_chunk: int = 0, loss_vocab_chunk: int = 0):
   """train_step(state, batch) -> (state, metrics). batch: "inputs", "targets" int32 [B, T], "weights"
   float32 [B, T], optional "segment_ids" int32 [B, T] (1, 2, ... per packed example, 0 for padding:
   padding is masked as keys and kept out of FAM updates; with `mask_between_examples` tokens attend
@@ -71,8 +71,9 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
   order, with the activations of one microbatch alive at a time. RSP keeps the final FAM of microbatch
   0's first row, which is the batch's first row, as with k = 1.
 
-  `loss_chunk` > 0: the loss from the final hidden states, `loss_chunk` tokens of logits at a time
-  (famjax.training.loss.chunked_cross_entropy): the same objective without [B, T, V] float32 logits."""
+  `loss_chunk` > 0: the loss from the final hidden states, `loss_chunk` tokens x `loss_vocab_chunk`
+  vocabulary entries (0: all) of logits at a time (famjax.training.loss.chunked_cross_entropy): the same
+  objective without [B, T, V] float32 logits, and the output matrix gathered a tile at a time."""
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
 
   def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset, weight_total):
@@ -90,7 +91,8 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
     if loss_chunk:
       loss, metrics = chunked_cross_entropy(out, transformer.output_weights(params, model_cfg),
                                             batch["targets"], batch["weights"], z_loss, weight_total,
-                                            chunk=loss_chunk, constrain=constrain)
+                                            chunk=loss_chunk, vocab_chunk=loss_vocab_chunk,
+                                            constrain=constrain)
     else:
       loss, metrics = weighted_cross_entropy(out, batch["targets"], batch["weights"], z_loss, weight_total)
     return loss, (metrics, final.fam[:, 0])

@@ -42,13 +42,15 @@ class StepSpec:
   mask_between_examples: bool
   microbatches: int
   loss_chunk: int
+  loss_vocab_chunk: int
   mesh: jax.sharding.Mesh
 
   @classmethod
   def of(cls, job: JobConfig, mesh: jax.sharding.Mesh) -> "StepSpec":
     t = job.train
     return cls(job.model, job.lora, job.fam, job.optimizer, t.steps, t.batch_size, t.seq_len, t.z_loss,
-               job.data.mask_between_examples, t.microbatches, t.loss_chunk, mesh)
+               job.data.mask_between_examples, t.microbatches, t.loss_chunk,
+               t.loss_vocab_chunk, mesh)
 
 
 class Programs:
@@ -61,7 +63,7 @@ class Programs:
     step = make_train_step(cfg, spec.lora, spec.fam, self.optimizer, self.schedule, spec.z_loss,
                            mask_between_examples=spec.mask_between_examples,
                            constrain=activation_constraint(mesh), microbatches=spec.microbatches,
-                           loss_chunk=spec.loss_chunk)
+                           loss_chunk=spec.loss_chunk, loss_vocab_chunk=spec.loss_vocab_chunk)
 
     abstract_params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     trainable_axes, frozen_axes = state_logical_axes(cfg, spec.lora)
