@@ -219,6 +219,16 @@ def test_data_section_defaults_are_the_data_packages():
       assert getattr(DataSection(), f.name) == getattr(DataConfig(), f.name), f.name
 
 
+def test_the_base_config_lists_every_field():
+  """--config.X=... overrides only what configs/base.py lists: every TrainConfig and DataConfig field."""
+  from famjax.data import DataConfig  # TensorFlow: only in this test
+  from famjax.training.config import TrainConfig
+  c = base.get_config()
+  assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(c.keys())
+  from_top = {"seq_len", "seed"}  # the data section takes these from the top-level fields
+  assert {f.name for f in dataclasses.fields(DataConfig)} - from_top <= set(c.data.keys())
+
+
 def test_a_config_json_from_before_the_typed_data_section_resumes():
   config = base.get_config().to_dict()
   saved = build(config).to_dict()
