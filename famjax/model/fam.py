@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from famjax.model import lora
 from famjax.model.config import ModelConfig
 from famjax.model.layers import attend, dot_product_attention, rms_norm, rope, swiglu
 
@@ -361,7 +362,7 @@ def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
   everyone = jnp.ones((F, F), bool)
 
   def layer(z, p):
-    p = jax.tree.map(lambda w: w.astype(z.dtype), p)
+    p = jax.tree.map(lambda w: w.astype(z.dtype), lora.merge_layer(p, z.dtype))
     q, k, v = _project_qkv(p, rms_norm(z[None], p["attn_norm"], cfg.rms_eps))
     read = attend(rope(q, pos, cfg.rope_theta), rope(k, pos, cfg.rope_theta), v, everyone)
     a = z[None] + jnp.einsum("BTNH,NHD->BTD", read, p["o"])

@@ -20,6 +20,25 @@ def delta(a: jax.Array, b: jax.Array, scale: float, shape: tuple, dtype) -> jax.
   return (scale * jnp.einsum("LIR,LRO->LIO", a2, b2)).reshape(shape)
 
 
+# params["layers"][IN_SCAN]: adapters {name: {"a": A, "b": scale * B}} that the model merges one layer at
+# a time inside its scans over layers (merge_layer), so that no step holds every layer's merged weights,
+# or every layer's factors gathered, at once (famjax.training.lora.combine(..., in_scan=True)).
+IN_SCAN = "lora"
+
+
+def merge_layer(p: dict, dtype) -> dict:
+  """One layer's parameters (a slice of params["layers"]) with its adapters p[IN_SCAN], if any, merged:
+  W + A @ B in `dtype` (B comes scaled)."""
+  if IN_SCAN not in p:
+    return p
+  p = dict(p)
+  for name, ab in p.pop(IN_SCAN).items():
+    r = ab["a"].shape[-1]
+    a, b = ab["a"].reshape(-1, r).astype(dtype), ab["b"].reshape(r, -1).astype(dtype)
+    p[name] = p[name].astype(dtype) + jnp.einsum("IR,RO->IO", a, b).reshape(p[name].shape)
+  return p
+
+
 def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
   """params with every adapted weight replaced by W + scale * A @ B (in `dtype`, default W's dtype).
 
@@ -32,13 +51,17 @@ def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
   return {**params, "layers": layers}
 
 
-def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None) -> dict:
+def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None, in_scan: bool = False) -> dict:
   """The model's parameter dict from a LoRA run's (trainable, frozen) split (famjax.training.lora.split):
   the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights under
-  "fam_gate") put back in place, and the adapters merged."""
+  "fam_gate") put back in place, and the adapters merged; with `in_scan`, left for the model to merge
+  a layer at a time (params["layers"][IN_SCAN], B scaled)."""
   params = dict(frozen)
   if "fam_prompt" in trainable:
     params["fam_prompt"] = trainable["fam_prompt"]
   if "fam_gate" in trainable:
     params["layers"] = {**frozen["layers"], **trainable["fam_gate"]}
+  if in_scan:
+    adapters = {name: {"a": ab["a"], "b": scale * ab["b"]} for name, ab in trainable["lora"].items()}
+    return {**params, "layers": {**params["layers"], IN_SCAN: adapters}}
   return merge(params, trainable["lora"], scale, dtype)

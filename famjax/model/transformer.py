@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from famjax.model import lora
 from famjax.model import params as params_lib
 from famjax.model.config import REMAT, ModelConfig
 from famjax.model.fam import ChunkInfo, LayerContext, decoder_layer, prompt_pass
@@ -122,7 +123,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
 
   def layer(x, inputs):
     p, ctx = inputs
-    p = jax.tree.map(lambda w: w.astype(dtype), p)
+    p = jax.tree.map(lambda w: w.astype(dtype), lora.merge_layer(p, dtype))
     x, ctx = decoder_layer(p, cfg, constrain(x, ACTIVATION_AXES), ctx, info, max_pending)
     return constrain(x, ACTIVATION_AXES), ctx
 

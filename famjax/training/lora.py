@@ -107,12 +107,14 @@ def merge(params: dict, adapters: dict, cfg: LoraConfig, dtype=None) -> dict:
   return lora_math.merge(params, adapters, cfg.scale, dtype)
 
 
-def combine(trainable: dict, frozen: dict, cfg: LoraConfig, dtype=None) -> dict:
+def combine(trainable: dict, frozen: dict, cfg: LoraConfig, dtype=None, in_scan: bool = False) -> dict:
   """The model's parameter dict from (trainable, frozen); adapters merged in `dtype` (inside jit, the
-  compute dtype, so no float32 copy of the merged weights exists)."""
+  compute dtype, so no float32 copy of the merged weights exists), or with `in_scan` by the model itself,
+  a layer at a time inside its scans over layers (famjax.model.lora.merge_layer: the train step's way,
+  so that only one layer's merged weights and gathered factors exist at a time)."""
   if not cfg.enabled:
     return trainable
-  return lora_math.merge_trained(trainable, frozen, cfg.scale, dtype)
+  return lora_math.merge_trained(trainable, frozen, cfg.scale, dtype, in_scan)
 
 
 def trainable_logical_axes(cfg: LoraConfig, model_axes: dict) -> tuple[dict, dict]:

@@ -136,14 +136,15 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
   out = state_bytes(job, sizes)
   if k > 1:  # the scan over microbatches carries the sum of their gradients
     out["gradient_accumulator"] = out["gradients"]
-  lora_factors = 0  # the adapters of every layer gathered over data x fsdp (float32)
-  if job.lora.enabled:  # W + scale * A @ B for every layer at once (compute dtype), its gradient (f32)
+  lora_factors = 0  # one layer's adapters gathered over data x fsdp (float32)
+  if job.lora.enabled:  # the model merges W + A @ B a layer at a time inside its scans (compute dtype),
+    # with its gradient (f32): famjax.model.lora.merge_layer
     axes = model_logical_axes(cfg)["layers"]
     mesh = jax.sharding.AbstractMesh(sizes, MESH_AXES)
     layer_shapes = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))["layers"]
     merged = sum(_shard_bytes(layer_shapes[n].shape, np.uint8, axes[n], mesh) for n in job.lora.targets)
-    out["lora_merged"] = merged * (c + 4)
-    lora_factors = state_bytes(job, (1, 1, tensor))["trained"]
+    out["lora_merged"] = merged * (c + 4) // L
+    lora_factors = state_bytes(job, (1, 1, tensor))["trained"] // L
   # what full remat keeps of each layer for the backward: its input in the compute dtype (+ fitted extra)
   inputs = L * b * T * D
   out["layer_inputs"] = inputs * (c + LAYER_INPUT_EXTRA_BYTES)

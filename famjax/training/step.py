@@ -77,7 +77,7 @@ def make_train_step(model_cfg: ModelConfig, lora_cfg: LoraConfig, fam_cfg: FamTr
   use_rsp = model_cfg.has_fam and fam_cfg.rsp_prob > 0
 
   def loss_fn(trainable, frozen, batch, rsp_fam, use_saved, offset, weight_total):
-    params = lora.combine(trainable, frozen, lora_cfg, model_cfg.compute_dtype)
+    params = lora.combine(trainable, frozen, lora_cfg, model_cfg.compute_dtype, in_scan=True)
     inputs = batch["inputs"]
     state = transformer.empty_state(params, model_cfg, inputs.shape[0])
     if use_rsp:
