@@ -1,7 +1,9 @@
-"""famjax's evaluation job: PassKey and long-context tasks for several checkpoints in one call.
+"""famjax's evaluation job: PassKey, long-context and GPT-3 tasks for several checkpoints in one call.
 
   python -m famjax.eval --model=fam=workdirs/fam --model=bswa=workdirs/bswa \
       --passkey_lengths=2k,4k,...,1m --tasks=scrolls_qasper,pg19 --out_dir=eval/fam_vs_bswa
+  python -m famjax.eval --model=fam=workdirs/fam --tasks=gpt3_rank,gpt3_gen --max_new_tokens=32 \
+      --tfds_data_dir=/data/eval --out_dir=eval/fam_gpt3
 
 --model is NAME=PATH (repeat it): a famjax workdir (its newest checkpoint, the run's vocabulary) or a
 Hugging Face directory (famjax.from_hf with --attention --block_size --mem_segments --fam_len, the
@@ -35,13 +37,16 @@ _FORMAT = flags.DEFINE_enum("passkey_format", "paper", ["paper", "short", "rando
                             "PassKey text: the paper's, the short one, or the token-level ones of the "
                             "small-scale experiment (random or repeated filler; famjax.data.passkey)")
 _TASKS = flags.DEFINE_list("tasks", [], "seqio tasks to evaluate: scrolls_qasper, scrolls_quality, "
-                           "scrolls_narrative_qa, xlsum, pg19 (or any famjax task or mixture)")
+                           "scrolls_narrative_qa, xlsum, pg19, isabelle; the GPT-3 suite's groups "
+                           "gpt3_rank and gpt3_gen or any of their tasks (hellaswag, triviaqa, ...); "
+                           "or any famjax task or mixture")
 _SPLIT = flags.DEFINE_string("split", "validation", "the tasks' split")
 _TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 0, "examples per task, the first ones (0: all)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "longest generated answer of a task (greedy, "
                                 "stops at EOS)")
-_TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "prepared TFDS data (default $TFDS_DATA_DIR, "
-                                "else ~/tensorflow_datasets); nothing is downloaded")
+_TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "prepared TFDS data, and the GPT-3 tasks' JSON "
+                                "lines under its gpt3/ (default $TFDS_DATA_DIR, else "
+                                "~/tensorflow_datasets); nothing is downloaded")
 _CHUNK = flags.DEFINE_integer("chunk_size", 0, "tokens per streaming call (0: four blocks)")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "where results.json, results.md, passkey.png go")
 _VOCAB = flags.DEFINE_string("vocabulary", "", "'byte' or a SentencePiece .model: for Hugging Face "
@@ -96,7 +101,7 @@ def main(argv) -> None:
         max_new_tokens=_MAX_NEW.value, tfds_data_dir=_TFDS_DIR.value, chunk_size=_CHUNK.value,
         bos_id=None if _BOS.value < 0 else _BOS.value)
     plan = runner.prepare(sources, settings)
-  except (OSError, ValueError) as e:  # LoadError, TfdsNotPreparedError, an unknown task, a bad flag
+  except (OSError, ValueError) as e:  # LoadError, TfdsNotPreparedError, Gpt3DataNotFoundError, ...
     _fail(str(e))
   try:
     runner.run(plan, out_dir)

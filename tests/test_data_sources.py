@@ -142,7 +142,10 @@ def test_a_missing_tfds_dataset_fails_fast_with_instructions(tmp_path, task):
   assert time.perf_counter() - start < 5.0
   message = str(info.value)
   assert task in message and str(tmp_path) in message and "TFDS_DATA_DIR" in message
-  assert re.search(r"tfds build \w+", message)
+  if longcontext.SPECS[task].catalog:
+    assert re.search(r"tfds build \w+", message)
+  else:  # xlsum, isabelle: how to export it instead of a build command that cannot work
+    assert "not in the TFDS catalog" in message and "tfds build" not in message
   assert not any(tmp_path.iterdir())  # nothing was written (no download started)
 
 

@@ -7,6 +7,13 @@
 | scrolls_narrative_qa  | scrolls/narrative_qa  | input -> output             | ROUGE-L             |
 | xlsum                 | xlsum/english         | text -> summary             | ROUGE-L             |
 | pg19                  | pg19                  | (none) -> book_text         | next-token accuracy |
+| isabelle              | isabelle              | (none) -> text              | next-token accuracy |
+
+Isabelle (the paper's Table 11, after Memorizing Transformers, Wu et al. 2022) is the corpus of
+Isabelle/HOL proof theories (the Archive of Formal Proofs and the Isabelle standard library), one
+theory file per example; it is scored like PG-19: the whole text streamed, next-token accuracy over all
+of its tokens. Neither it nor XLSum is in the TFDS catalog: the user exports them as TFDS datasets
+(`catalog=False`, the message then says how instead of naming a `tfds build` command).
 
 The source checks that the dataset is prepared in the data directory before seqio touches it, and
 otherwise raises at once (no download, no GCS: an offline machine would otherwise retry for minutes)
@@ -40,6 +47,7 @@ class LongContextSpec:
   prompt_prefix: str = ""
   prompt_suffix: str = "\nAnswer:"
   prepare: str = ""  # extra preparation advice shown when the data is missing
+  catalog: bool = True  # in the TFDS catalog, so `tfds build` prepares it
 
 
 _SCROLLS = ("The scrolls builder downloads the SCROLLS release (scrolls-tau.s3.amazonaws.com) while "
@@ -57,10 +65,18 @@ SPECS: dict[str, LongContextSpec] = {s.name: s for s in (
                     prepare="XLSum is not in the TFDS catalog: export csebuetnlp/xlsum (english) as a "
                     "TFDS dataset named xlsum, config english, with text features 'text' and "
                     "'summary' (for example with tfds.dataset_builders.store_as_tfds_dataset or a "
-                    "small GeneratorBasedBuilder), into the same data directory."),
+                    "small GeneratorBasedBuilder), into the same data directory.", catalog=False),
     LongContextSpec("pg19", "pg19:0.1.1", ("train", "validation", "test"), None, "book_text",
                     metrics.next_token_accuracy, prompt_suffix="",
                     prepare="The pg19 builder reads gs://deepmind-gutenberg while it builds."),
+    LongContextSpec("isabelle", "isabelle:*.*.*", ("train", "validation", "test"), None, "text",
+                    metrics.next_token_accuracy, prompt_suffix="",
+                    prepare="Isabelle is not in the TFDS catalog: export the corpus of Wu et al. 2022 "
+                    "(Memorizing Transformers: the Isabelle/HOL theories of the Archive of Formal Proofs "
+                    "and the standard library, one .thy file per example) as a TFDS dataset named "
+                    "isabelle with one text feature 'text' and splits train / validation / test (for "
+                    "example with tfds.dataset_builders.store_as_tfds_dataset), into the same data "
+                    "directory.", catalog=False),
 )}
 
 
@@ -113,12 +129,13 @@ def prepare_message(spec: LongContextSpec, directory: str) -> str:
   unversioned = spec.tfds_name.split(":")[0]
   name, _, config = unversioned.partition("/")
   build = f"tfds build {name}" + (f" --config {config}" if config else "") + f" --data_dir {directory}"
+  how = (f"Prepare it on a machine with network access:\n  {build}\n(or copy a prepared "
+         f"{directory}/{unversioned}/<version> directory there)" if spec.catalog else
+         f"Prepare it as below, or copy a prepared {directory}/{unversioned}/<version> directory there")
   return (
       f"{spec.name}: the TFDS dataset {spec.tfds_name!r} is not prepared in {directory}. famjax reads "
-      f"TFDS data with download=False and never from GCS. Prepare it on a machine with network "
-      f"access:\n  {build}\n(or copy a prepared {directory}/{unversioned}/<version> directory "
-      f"there), then point DataConfig.tfds_data_dir or $TFDS_DATA_DIR at that data directory."
-      + (f"\n{spec.prepare}" if spec.prepare else ""))
+      f"TFDS data with download=False and never from GCS. {how}, then point DataConfig.tfds_data_dir "
+      f"or $TFDS_DATA_DIR at that data directory." + (f"\n{spec.prepare}" if spec.prepare else ""))
 
 
 def to_prompt_and_answer(dataset: tf.data.Dataset, spec: LongContextSpec, task: str

@@ -7,12 +7,18 @@ here: the F-measure of the longest common subsequence of tokens, with rouge-scor
 - rouge_l: Scrolls Qasper, NarrativeQA, XLSum.
 - accuracy: Scrolls QuALITY (the answer text, compared after normalising case and spaces).
 - exact_match: PassKey (predictions are postprocessed to the key first).
-- next_token_accuracy: PG-19, over token ids from a teacher-forced forward pass.
+- next_token_accuracy: PG-19 and Isabelle, over token ids from a teacher-forced forward pass.
+- squad: the GPT-3 generation tasks (TriviaQA, Natural Questions, WebQuestions, SQuAD v2, LAMBADA):
+  exact match and token F1 after SQuAD's answer normalisation, the best over the references.
+- rank_classification: the GPT-3 rank tasks (HellaSwag, PIQA, ARC, ...): a seqio score metric, the
+  option with the highest log-likelihood against the label (and the same per byte of the option).
 """
 
 from __future__ import annotations
 
+import collections
 import re
+import string
 from typing import Sequence, Union
 
 import numpy as np
@@ -95,6 +101,63 @@ def next_token_accuracy(targets: Sequence[np.ndarray], predictions: Sequence[np.
     correct += int(np.sum((t == p) & mask))
     total += int(np.sum(mask))
   return {"next_token_accuracy": 100.0 * correct / total if total else 0.0}
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+  """SQuAD's answer normalisation: lowercase, drop ASCII punctuation, drop the articles a/an/the, and
+  collapse whitespace (in that order, as the official evaluation script does)."""
+  text = text.lower().translate(_PUNCTUATION)
+  return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_f1(reference: str, prediction: str) -> float:
+  """Token F1 in [0, 1] of the normalised texts (bag of words); 1.0 when both are empty."""
+  ref, pred = normalize_answer(reference).split(), normalize_answer(prediction).split()
+  if not ref or not pred:
+    return float(ref == pred)
+  common = sum((collections.Counter(ref) & collections.Counter(pred)).values())
+  if common == 0:
+    return 0.0
+  precision, recall = common / len(pred), common / len(ref)
+  return 2 * precision * recall / (precision + recall)
+
+
+def squad(targets: Sequence[Reference], predictions: Sequence[str]) -> dict[str, float]:
+  """Exact match and token F1 (percent) after normalize_answer, each the best over an example's
+  references, averaged over examples. An example without references (SQuAD v2's unanswerable) has
+  the empty answer as its reference."""
+  _same_length(targets, predictions)
+  exact, f1 = [], []
+  for target, prediction in zip(targets, predictions):
+    references = _references(target) or [""]
+    exact.append(max(float(normalize_answer(r) == normalize_answer(prediction)) for r in references))
+    f1.append(max(answer_f1(r, prediction) for r in references))
+  return {"exact_match": 100.0 * float(np.mean(exact)) if exact else 0.0,
+          "f1": 100.0 * float(np.mean(f1)) if f1 else 0.0}
+
+
+def rank_classification(targets: Sequence[tuple[int, Sequence[int]]],
+                        scores: Sequence[Sequence[float]]) -> dict[str, float]:
+  """A seqio score metric. targets[i] = (label, the options' lengths in UTF-8 bytes); scores[i] = the
+  options' log-likelihoods (sums over their tokens). `accuracy`: the argmax option is the label;
+  `accuracy_norm`: the same with each log-likelihood divided by its option's byte length
+  (lm-evaluation-harness's acc_norm). Ties go to the first option. Percentages."""
+  if len(targets) != len(scores):
+    raise ValueError(f"{len(targets)} targets but {len(scores)} scores")
+  hits, hits_norm = [], []
+  for (label, lengths), lls in zip(targets, scores):
+    lls = np.asarray(lls, np.float64)
+    if lls.shape != (len(lengths),) or not 0 <= label < len(lengths):
+      raise ValueError(f"rank_classification: {len(lls)} scores for {len(lengths)} options, label "
+                       f"{label}")
+    hits.append(int(np.argmax(lls)) == label)
+    hits_norm.append(int(np.argmax(lls / np.maximum(np.asarray(lengths, np.float64), 1))) == label)
+  return {"accuracy": 100.0 * float(np.mean(hits)) if hits else 0.0,
+          "accuracy_norm": 100.0 * float(np.mean(hits_norm)) if hits_norm else 0.0}
 
 
 def _same_length(targets, predictions):

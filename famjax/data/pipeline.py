@@ -172,7 +172,9 @@ def get_examples(config: DataConfig, split: str = "validation", process_index: i
   """One pass over each task's examples (task after task, in order), unpacked and untruncated, for
   evaluation: dicts with `inputs` (prompt ids), `targets` (answer ids with EOS), their texts
   `inputs_pretokenized` / `targets_pretokenized`, and `task` (whose seqio metric_fns and
-  postprocess_fn score it). A PassKey-1M example comes through whole, for a streaming evaluation."""
+  postprocess_fn score it), plus any other feature the task emits (the GPT-3 tasks' options, label or
+  reference answers, as numpy values). A PassKey-1M example comes through whole, for a streaming
+  evaluation."""
   name = tasks_lib.ensure_registered(config)
   seed = config.seed if seed is None else seed
   stats = SourceStats()
@@ -185,7 +187,7 @@ def get_examples(config: DataConfig, split: str = "validation", process_index: i
                             shard_info=seqio.ShardInfo(process_index, process_count), num_epochs=1,
                             trim_output_features=False)
     for ex in ds.as_numpy_iterator():
-      yield {"inputs": ex["inputs"], "targets": ex["targets"], "task": task.name,
+      yield {**ex, "inputs": ex["inputs"], "targets": ex["targets"], "task": task.name,
              "inputs_pretokenized": _text(ex.get("inputs_pretokenized", b"")),
              "targets_pretokenized": _text(ex.get("targets_pretokenized", b""))}
 

@@ -6,7 +6,9 @@ Built in (byte vocabulary, registered on import):
 - passkey_train (filler 2k-18k tokens; famjax.data.passkey.TRAIN_TASKS), passkey_random_small and
   passkey_repeated_small (64-512 tokens, random or repeated filler; famjax.data.passkey.TRAIN_TOTAL_TASKS),
   and passkey_2k ... passkey_1m (evaluation, fixed length).
-- scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19 (famjax.data.longcontext).
+- scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19, isabelle (famjax.data.longcontext).
+- the GPT-3 suite (famjax.data.gpt3): rank classification tasks (hellaswag, piqa, arc_easy, ...) in the
+  Mixture gpt3_rank, generation tasks (triviaqa, natural_questions, ...) in the Mixture gpt3_gen.
 User sources (DataConfig.sources) become Tasks `<mixture>_<task_name>` and a Mixture `<mixture>`.
 
 A vocabulary other than bytes gets its own copies of the built-ins, named `<name>.<vocab key>`
@@ -15,7 +17,8 @@ the same definition again is a no-op, a changed one (other paths, templates, rat
 earlier registration (famjax's own only; a name some other code registered is an error).
 
 Every task emits `inputs` (prompt ids, no EOS), `targets` (answer ids + EOS) and `task` (its name, so
-the packer can count truncations per source).
+the packer can count truncations per source); the GPT-3 tasks add the features their scoring reads
+(options and label, or the reference answers).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Hashable, Sequence
 
 import seqio
 
-from famjax.data import flan, longcontext, metrics, passkey, synthetic
+from famjax.data import flan, gpt3, longcontext, metrics, passkey, synthetic
 from famjax.data.config import BYTE_VOCABULARY, DataConfig
 from famjax.data.sources import PythonSource
 from famjax.data.tensorflow_setup import tf
@@ -120,7 +123,8 @@ def register_builtins(vocabulary: str = BYTE_VOCABULARY) -> None:
   with _LOCK:
     if vocabulary in _BUILTINS_FOR and all(
         _is_ours("mixture", m + suffix) for m in synthetic.DEMO_MIXTURES) and all(
-        _is_ours("task", t + suffix) for t in (*passkey.EVAL_LENGTHS, *longcontext.SPECS)):
+        _is_ours("task", t + suffix) for t in (*passkey.EVAL_LENGTHS, *longcontext.SPECS, *gpt3.SPECS)
+    ) and all(_is_ours("mixture", g + suffix) for g in gpt3.GROUPS):
       return
     _register_builtins(vocabulary, suffix)
     _BUILTINS_FOR.add(vocabulary)
@@ -156,6 +160,15 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
               preprocessors=[functools.partial(longcontext.to_prompt_and_answer, spec=spec, task=task),
                              *text_preprocessors(task)],
               metric_fns=[spec.metric], shuffle_buffer_size=1000)
+  for spec in gpt3.SPECS.values():
+    task = spec.name + suffix
+    postprocess = (gpt3.postprocess_rank if spec.kind == gpt3.RANK
+                   else functools.partial(gpt3.postprocess_gen, span=spec.answer_span))
+    _add_task(task, (vocabulary, "gpt3", spec), source=gpt3.Gpt3Source(spec),
+              output_features=output_features(vocab), preprocessors=text_preprocessors(task),
+              postprocess_fn=postprocess, metric_fns=gpt3.metric_fns(spec), shuffle_buffer_size=1000)
+  for group in gpt3.GROUPS:
+    _add_mixture(group + suffix, [(name + suffix, 1.0) for name in gpt3.group_tasks(group)])
 
 
 def builtin_names() -> tuple[str, ...]:
@@ -163,7 +176,7 @@ def builtin_names() -> tuple[str, ...]:
   names = list(synthetic.DEMO_MIXTURES)
   names += [f"{m}_{t}" for m in synthetic.DEMO_MIXTURES for t in synthetic.TASKS]
   names += [*passkey.TRAIN_TASKS, *passkey.TRAIN_TOTAL_TASKS, *passkey.EVAL_LENGTHS,
-            *longcontext.SPECS]
+            *longcontext.SPECS, *gpt3.SPECS, *gpt3.GROUPS]
   return tuple(sorted(names))
 
 

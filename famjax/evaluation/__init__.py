@@ -1,13 +1,17 @@
-"""famjax.evaluation: PassKey and long-context evaluation of famjax models on the streaming path.
+"""famjax.evaluation: PassKey, long-context and GPT-3 evaluation of famjax models on the streaming path.
 
 Owns: reading long texts through `Transformer.init_state` + `Transformer.stream` in chunks (constant
-memory in bswa/fam, so a 1M-token PassKey runs in the memory of one chunk), greedy decoding, scoring
-with the tasks' own metrics, loading models for the command lines (famjax workdirs and Hugging Face
-directories), progress lines, and the reports (JSON, markdown, PNG).
+memory in bswa/fam, so a 1M-token PassKey runs in the memory of one chunk), greedy decoding, the
+log-likelihood of given continuations (rank classification), scoring with the tasks' own metrics,
+loading models for the command lines (famjax workdirs and Hugging Face directories), progress lines,
+and the reports (JSON, markdown, PNG).
 
   passkey      evaluate_passkey: the examples of the passkey_* tasks, streamed, exact match
-  longcontext  load_task / evaluate_task: any famjax seqio task (scrolls_*, xlsum, pg19, ...)
-  stream       read_prompt, greedy_continue, next_token_argmax: the streaming primitives
+  longcontext  load_tasks / evaluate_task: any famjax seqio task (scrolls_*, xlsum, pg19, isabelle,
+               the GPT-3 suite gpt3_rank / gpt3_gen, ...)
+  rank         option_log_likelihoods: the options of a rank classification example, scored
+  stream       read_prompt, greedy_continue, next_token_argmax, continuation_log_probs: the streaming
+               primitives
   load         ModelSource, describe, load: a workdir or an HF directory -> Transformer
   lengths      "1k,2k,...,1m" -> token counts
   progress     Progress: tokens done / total, tok/s and ETA on stderr

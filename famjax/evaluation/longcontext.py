@@ -1,5 +1,5 @@
-"""Long-context tasks on the streaming path: Scrolls Qasper / QuALITY / NarrativeQA, XLSum, PG-19 (or any
-seqio task famjax registers), scored with the task's own seqio metric functions.
+"""Evaluation tasks on the streaming path: Scrolls Qasper / QuALITY / NarrativeQA, XLSum, PG-19, Isabelle,
+the GPT-3 suite (or any seqio task famjax registers), scored with the task's own seqio metric functions.
 
   tasks = load_tasks("scrolls_qasper", vocabulary="byte", split="validation", max_examples=100)
   result = evaluate_task(model, vocab, tasks[0], max_new_tokens=128)
@@ -8,11 +8,14 @@ seqio task famjax registers), scored with the task's own seqio metric functions.
   whatever the document's length), then up to `max_new_tokens` greedy tokens, stopping at EOS; the
   decoded text goes through the task's postprocessor and metric functions (ROUGE-L, accuracy, exact
   match: famjax.data.metrics).
-- Language modelling (a task scored by next-token accuracy, PG-19): the text is streamed in chunks and
-  the argmax after every position is compared with the next token, over the answer's tokens.
+- Language modelling (a task scored by next-token accuracy, PG-19, Isabelle): the text is streamed in
+  chunks and the argmax after every position is compared with the next token, over the answer's tokens.
+- Rank classification (a task with seqio score metrics, the GPT-3 rank tasks): every option's
+  log-likelihood after its context (famjax.evaluation.rank), the scores going to the score metrics.
 
-Examples come from famjax.data.get_examples: TFDS data is read from the prepared data directory and
-never downloaded; a dataset that is not there raises famjax.data.TfdsNotPreparedError at once.
+Examples come from famjax.data.get_examples: TFDS data and the GPT-3 JSON lines are read from the
+prepared data directory and never downloaded; data that is not there raises
+famjax.data.TfdsNotPreparedError or Gpt3DataNotFoundError (both FileNotFoundErrors) at once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from famjax import data as data_lib
 from famjax.data import metrics
 from famjax.data import tasks as tasks_lib
 from famjax.evaluation import progress as progress_lib
-from famjax.evaluation import stream
+from famjax.evaluation import rank, stream
 from famjax.model import Transformer
 
 
@@ -41,30 +44,54 @@ class TaskData:
   examples: tuple  # dicts with inputs, targets (ids; targets end in EOS), their *_pretokenized texts
   metric_fns: tuple
   postprocess: Callable  # seqio's Task.postprocess_fn(text, example=..., is_target=...)
+  score_metric_fns: tuple = ()  # seqio's (targets, scores) metrics: a rank classification task
 
   @property
   def language_modelling(self) -> bool:
     """Scored by next-token accuracy over the answer rather than by generating it."""
     return any(fn is metrics.next_token_accuracy for fn in self.metric_fns)
 
+  @property
+  def rank_classification(self) -> bool:
+    """Scored by its options' log-likelihoods (examples carry option_contexts, option_continuations)."""
+    return bool(self.score_metric_fns)
+
 
 def load_tasks(name: str, vocabulary: str = "byte", split: str = "validation", tfds_data_dir: str = "",
                max_examples: int = 0) -> list[TaskData]:
   """The tasks of `name` (a task, or each task of a mixture) with up to `max_examples` (0: all)
   examples each, read in order. Raises TfdsNotPreparedError for a TFDS dataset that is not prepared,
-  ValueError for an unknown name, a missing split or a task without examples."""
+  Gpt3DataNotFoundError for a GPT-3 task's missing file, ValueError for an unknown name, a missing
+  split, a malformed GPT-3 line or a task without examples."""
   config = data_lib.DataConfig(mixture=name, vocabulary=vocabulary, tfds_data_dir=tfds_data_dir,
                                repeat_segment_len=0)
-  out = []
+  out, missing = [], []
   for task in tasks_lib.tasks_of(tasks_lib.ensure_registered(config)):
     if split not in task.splits:
       raise ValueError(f"{task.name}: no split {split!r} (it has {', '.join(task.splits)})")
-    examples = data_lib.get_examples(config.replace(mixture=task.name), split=split)
-    examples = tuple(itertools.islice(examples, max_examples or None))
+    try:
+      examples = data_lib.get_examples(config.replace(mixture=task.name), split=split)
+      examples = tuple(itertools.islice(examples, max_examples or None))
+    except FileNotFoundError as e:  # TfdsNotPreparedError, Gpt3DataNotFoundError: all of them, below
+      missing.append((task.name, e))
+      continue
     if not examples:
       raise ValueError(f"{task.name}: the {split!r} split has no example")
-    out.append(TaskData(task.name, split, examples, tuple(task.predict_metric_fns), task.postprocess_fn))
+    out.append(TaskData(task.name, split, examples, tuple(task.predict_metric_fns), task.postprocess_fn,
+                        tuple(task.score_metric_fns)))
+  if missing:
+    raise _missing_data(name, missing)
   return out
+
+
+def _missing_data(name: str, missing: list) -> FileNotFoundError:
+  """One error for the tasks of `name` whose data is missing: their names, then the first one's
+  preparation steps (the others' are alike; docs/evaluation.md has them all)."""
+  first = missing[0][1]
+  if len(missing) == 1:
+    return first
+  names = ", ".join(task for task, _ in missing)
+  return type(first)(f"{name}: {len(missing)} tasks have no data ({names}). {first}")
 
 
 def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Optional[int] = None,
@@ -73,8 +100,8 @@ def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Op
   tokens (default 4 blocks).
 
   Returns a JSON-able dict: task, split, n, metrics ({name: value}), predictions (per example:
-  prompt_tokens and target/prediction/generated_tokens, or tokens and next_token_accuracy), seconds,
-  tokens_per_second.
+  prompt_tokens and target/prediction/generated_tokens; or tokens and next_token_accuracy; or label,
+  log_likelihoods, prediction and prediction_norm for rank classification), seconds, tokens_per_second.
   """
   chunk_size = chunk_size or stream.default_chunk_size(model.config)
   if chunk_size < 1:
@@ -83,9 +110,12 @@ def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Op
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   reporter = progress_lib.as_progress(progress, task.name)
   t0 = time.perf_counter()
+  read = sum(_tokens_read(ex, task, vocabulary, bos_id) for ex in task.examples)
   if reporter is not None:
-    reporter.start(sum(_tokens_read(ex, task, bos_id) for ex in task.examples))
-  if task.language_modelling:
+    reporter.start(read)
+  if task.rank_classification:
+    scores, rows = _rank_scores(model, vocabulary, task, chunk_size, reporter, bos_id)
+  elif task.language_modelling:
     scores, rows = _next_token_scores(model, task, chunk_size, reporter, bos_id)
   else:
     scores, rows = _generation_scores(model, vocabulary, task, chunk_size, max_new_tokens, reporter,
@@ -93,7 +123,6 @@ def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Op
   if reporter is not None:
     reporter.finish()
   seconds = time.perf_counter() - t0
-  read = sum(_tokens_read(ex, task, bos_id) for ex in task.examples)
   return {"task": task.name, "split": task.split, "n": len(task.examples), "metrics": scores,
           "predictions": rows, "chunk_size": int(chunk_size), "seconds": seconds,
           "tokens_per_second": read / seconds if seconds > 0 else 0.0}
@@ -120,6 +149,29 @@ def _generation_scores(model, vocabulary, task: TaskData, chunk_size, max_new_to
   return scores, rows
 
 
+def _rank_scores(model, vocabulary, task: TaskData, chunk_size, reporter, bos_id):
+  targets, all_scores, rows = [], [], []
+  for ex in task.examples:
+    contexts, continuations = _options(ex)
+    lls = rank.option_log_likelihoods(model, vocabulary, contexts, continuations, chunk_size, bos_id,
+                                      reporter)
+    target = task.postprocess(ex["targets_pretokenized"], example=ex, is_target=True)
+    targets.append(target)
+    all_scores.append(task.postprocess(lls, example=ex, is_target=False))
+    per_byte = lls / np.maximum([len(c.encode("utf-8")) for c in continuations], 1)
+    rows.append({"label": int(ex["label"]), "log_likelihoods": [float(x) for x in lls],
+                 "prediction": int(np.argmax(lls)), "prediction_norm": int(np.argmax(per_byte))})
+  scores = {}
+  for fn in task.score_metric_fns:
+    scores.update(fn(targets, all_scores))
+  return scores, rows
+
+
+def _options(ex: dict) -> tuple[list[str], list[str]]:
+  texts = lambda values: [v.decode("utf-8") for v in values]  # noqa: E731
+  return texts(ex["option_contexts"]), texts(ex["option_continuations"])
+
+
 def _next_token_scores(model, task: TaskData, chunk_size, reporter, bos_id):
   all_targets, all_predictions, rows = [], [], []
   for ex in task.examples:
@@ -144,6 +196,8 @@ def _teacher_forced(model, ex: dict, chunk_size: int, reporter, bos_id) -> tuple
   return np.asarray(text[first:], np.int32), predicted[first - 1:]
 
 
-def _tokens_read(ex: dict, task: TaskData, bos_id) -> int:
+def _tokens_read(ex: dict, task: TaskData, vocabulary, bos_id) -> int:
+  if task.rank_classification:
+    return rank.tokens_read(vocabulary, *_options(ex), bos_id)
   n = len(ex["inputs"]) + (bos_id is not None)
   return n + len(ex["targets"]) - 1 if task.language_modelling else n

@@ -104,7 +104,7 @@ def markdown(results: dict) -> str:
               "", passkey_depth_table(results)]
   table = tasks_table(results)
   if table:
-    parts += ["", "## Long-context tasks", "", table]
+    parts += ["", "## Tasks", "", table]
   return "\n".join(parts) + "\n"
 
 

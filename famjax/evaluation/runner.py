@@ -72,10 +72,12 @@ def prepare(sources, settings: Settings) -> Plan:
   for source in sources:
     if source.vocabulary not in vocabularies:
       vocabularies[source.vocabulary] = load_lib.load_vocabulary(source)
-      tasks[source.vocabulary] = [
-          data for name in settings.tasks
-          for data in load_tasks(name, source.vocabulary, settings.split, settings.tfds_data_dir,
-                                 settings.task_examples)]
+      loaded = {}  # task name -> TaskData: a task named alone and in a group (gpt3_rank) runs once
+      for name in settings.tasks:
+        for data in load_tasks(name, source.vocabulary, settings.split, settings.tfds_data_dir,
+                               settings.task_examples):
+          loaded.setdefault(data.name, data)
+      tasks[source.vocabulary] = list(loaded.values())
   return Plan(list(sources), settings, vocabularies, tasks)
 
 

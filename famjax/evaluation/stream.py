@@ -1,5 +1,5 @@
-"""The streaming primitives of evaluation: read a prompt in chunks, continue it greedily, and take the
-argmax prediction at every position of a text.
+"""The streaming primitives of evaluation: read a prompt in chunks, continue it greedily, take the
+argmax prediction at every position of a text, and the log-probabilities of a given continuation.
 
 Everything goes through `Transformer.init_state` + `Transformer.stream`, so in bswa and fam the memory
 is that of one chunk whatever the text's length (full attention's key/value cache grows), and the
@@ -72,6 +72,28 @@ def next_token_argmax(model: Transformer, tokens: np.ndarray, chunk_size: int,
     out[:, start:end] = np.asarray(jnp.argmax(logits, axis=-1))
     if progress is not None:
       progress.advance((end - start) * tokens.shape[0])
+  return out
+
+
+def continuation_log_probs(model: Transformer, state: StreamState, last_logits: jax.Array,
+                           ids: Sequence[int], chunk_size: int, progress: Optional[Progress] = None
+                           ) -> np.ndarray:
+  """log p(ids[i] | the read text, ids[:i]) for every i: [n] float32, after a prompt read by
+  read_prompt (its `last_logits` [1, V] predict ids[0]); ids[:-1] are streamed in chunks from `state`,
+  which is left as it was (a state is a value), so several continuations can share one read prompt."""
+  ids = np.asarray(ids, np.int32).reshape(-1)
+  if ids.size < 1:
+    raise ValueError("a continuation needs at least one token")
+  _check_tokens(model, ids[None])
+  out = np.zeros(ids.shape, np.float32)
+  out[0] = np.asarray(jax.nn.log_softmax(last_logits[0].astype(jnp.float32)))[ids[0]]
+  feed = ids[None, :-1]
+  for start, end in chunk_bounds(feed.shape[1], chunk_size):
+    logits, state = model.stream(feed[:, start:end], state)
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+    out[start + 1:end + 1] = np.take_along_axis(log_probs, ids[start + 1:end + 1, None], axis=-1)[:, 0]
+    if progress is not None:
+      progress.advance(end - start)
   return out
 
 
