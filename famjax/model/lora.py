@@ -34,8 +34,9 @@ def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
 
 def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None) -> dict:
   """The model's parameter dict from a LoRA run's (trainable, frozen) split (famjax.training.lora.split):
-  the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights under
-  "fam_gate") put back in place, and the adapters merged."""
+  the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights and the
+  fam_init="prefix" ablation's `fam_prefix`, both under "fam_gate") put back in place, and the adapters
+  merged."""
   params = dict(frozen)
   if "fam_prompt" in trainable:
     params["fam_prompt"] = trainable["fam_prompt"]
