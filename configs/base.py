@@ -61,6 +61,12 @@ def get_config() -> config_dict.ConfigDict:
   m.attention_impl = "xla"    # attention kernel: "xla" (the reference) | "cudnn" (GPU, bfloat16 only)
   m.init_std = config_dict.placeholder(float)  # None: d_model ** -0.5 (fan-in; 0.0255 at 1536)
   m.fam_gate = False          # famjax extension, not the paper's: a learned write gate on FAM updates
+  # Ablations (docs/ablations.md; the defaults are the spec's model):
+  m.window = 0                # attention="swa" only: each token sees the previous `window` tokens
+  m.mem_stop_gradient = False # bswa/fam: no gradient through the memory blocks' keys/values
+  m.fam_position = "last"     # RoPE positions of FAM rows: "last" (spec) | "between" | "zero"
+  m.fam_init = "prompt"       # initial FAM: "prompt" (spec) | "prefix" (a learned state per layer)
+  m.fam_history = 1           # FAM states the block tokens read: F_{tau-1} .. F_{tau-k}
 
   # -- the data (famjax.data.DataConfig; see famjax/data/config.py and docs/data.md) -----------------
   # seq_len and seed come from the top level. mixture="synthetic" uses famjax.training.synthetic

@@ -4,7 +4,9 @@ This file is the test oracle for the JAX model. It is written for clarity, not s
 step of the specification, explicit loops over examples, layers, blocks and heads, float64 throughout
 (including the softmax). It imports neither JAX nor famjax; `cfg` only needs the ModelConfig attributes
 vocab_size, d_model, n_layers, n_heads, n_kv_heads, head_dim, mlp_dim, attention, block_size,
-mem_segments, fam_len, rope_theta, rms_eps, tie_embeddings, embed_scale, and optionally fam_gate.
+mem_segments, fam_len, rope_theta, rms_eps, tie_embeddings, embed_scale, and optionally fam_gate and the
+ablations of docs/ablations.md: window (attention "swa"), fam_position, fam_init, fam_history
+(mem_stop_gradient changes gradients only, not the forward this file computes).
 
 Public API:
   reference_forward(params, cfg, tokens, *, position_offset=0.0, initial_fam=None, return_fam=False)
@@ -26,6 +28,16 @@ Conventions resolved here where the spec leaves room (see also the docstrings be
     otherwise, including the very first update from a passed `initial_fam` (spec §3 step 3, §6 RSP).
   * A trailing partial block updates no FAM (spec §3 [famjax]); its tokens still attend to the memory
     blocks, to the previous FAM state and causally to their own block.
+  * Ablations (docs/ablations.md; defaults = the spec):
+    - attention "swa" with cfg.window: token i sees tokens j with i - window < j <= i (`swa_mask`).
+    - cfg.fam_position: a FAM state's rows sit at "last" (the spec), "between" (row i at the compressed
+      block's start + (i+1)*B/F - 1) or "zero" (all at its start) positions of the block it compressed
+      (`fam_rows_in_block`); the initial state as if it had compressed the block before p_0; the prompt
+      pass at those positions minus B.
+    - cfg.fam_init "prefix": layer l's initial FAM is params["layers"]["fam_prefix"][l] as is (no prompt
+      pass); its first update uses R = 0, as the prompt's.
+    - cfg.fam_history = k: block tokens also see the k-1 FAM states before F_prev (those that exist),
+      each at the positions of the block it compressed. The FAM update reads F_prev only.
   * cfg.fam_gate (a famjax extension, not in the spec): every update with R = F_prev becomes
     F_prev + g * (F_new - F_prev) with one gate per FAM row, g = sigmoid(w . RMSNorm(F_new - F_prev) + b)
     (RMSNorm without a scale, b one bias per FAM row). The first update from the learned prompt is not gated.
@@ -57,6 +69,24 @@ def _to_f64(tree):
   if isinstance(tree, dict):
     return {key: _to_f64(value) for key, value in tree.items()}
   return np.asarray(tree, dtype=np.float64)
+
+
+def _ablation(cfg, name: str, default):
+  """An ablation field of cfg (docs/ablations.md), or its default (the spec) when cfg lacks it."""
+  return getattr(cfg, name, default)
+
+
+def fam_rows_in_block(cfg) -> np.ndarray:
+  """Positions [F] of a FAM state's rows relative to the first token of the block it compressed."""
+  B, F = cfg.block_size, cfg.fam_len
+  where = _ablation(cfg, "fam_position", "last")
+  if where == "last":
+    return np.arange(B - F, B, dtype=np.float64)          # spec §5: the last F tokens of the block
+  if where == "between":
+    return np.array([(i + 1) * B / F - 1 for i in range(F)], dtype=np.float64)  # evenly spread
+  if where == "zero":
+    return np.zeros(F, dtype=np.float64)                  # all at the block's first token
+  raise ValueError(f"fam_position {where!r}")
 
 
 def _layer_weights(params: dict, layer: int) -> dict:
@@ -188,11 +218,20 @@ def bswa_mask(T: int, block_size: int, mem_segments: int) -> np.ndarray:
   return mask
 
 
+def swa_mask(T: int, window: int) -> np.ndarray:
+  """Token-level sliding window (the ablation "swa", the paper's Figure 1a): token i sees the previous
+  `window` tokens, itself included: j with i - window < j <= i."""
+  return np.array([[i - window < j <= i for j in range(T)] for i in range(T)], dtype=bool)
+
+
 def plain_layer(w: dict, cfg, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-  """A full or bswa layer over all T tokens of one example (memory keys come from this layer's input)."""
+  """A full, bswa or swa layer over all T tokens of one example (memory keys come from this layer's
+  input)."""
   T = x.shape[0]
   if cfg.attention == "full":
     mask = full_mask(T)
+  elif cfg.attention == "swa":
+    mask = swa_mask(T, cfg.window)
   else:  # "bswa", or "fam" with fam_len == 0 (spec §2: then fam equals bswa)
     mask = bswa_mask(T, cfg.block_size, cfg.mem_segments)
   return layer_block(w, cfg, x, positions, x, positions, mask)
@@ -211,7 +250,7 @@ def prompt_pass(params: dict, cfg) -> list:
   prompt activation ENTERING layer l.
   """
   F = cfg.fam_len
-  positions = np.arange(-F, 0, dtype=np.float64)
+  positions = fam_rows_in_block(cfg) - cfg.block_size  # -F .. -1 for the spec's "last"
   bidirectional = np.ones((F, F), dtype=bool)
   z = params["fam_prompt"]
   states = []
@@ -231,7 +270,8 @@ def fam_block_tokens(w: dict, cfg, x_mem: np.ndarray, pos_mem: np.ndarray, f_pre
   """Outputs O of the block tokens (spec §3 step 2).
 
   Keys/values, in this order: the memory blocks' input tokens (all visible), the F rows of F_prev (all
-  visible), the block's own tokens (causal). A = I + Attn, O = A + MLP(RMSNorm(A)).
+  visible; with the fam_history ablation, the rows of the older states too, stacked before F_prev's),
+  the block's own tokens (causal). A = I + Attn, O = A + MLP(RMSNorm(A)).
   """
   n_mem, F, n_blk = x_mem.shape[0], f_prev.shape[0], x_block.shape[0]
   x_kv = np.concatenate([x_mem, f_prev, x_block], axis=0)
@@ -282,7 +322,10 @@ def fam_layer(w: dict, cfg, x: np.ndarray, positions: np.ndarray, f_init: np.nda
   p0 = positions[0]
   out = np.zeros_like(x)
   f_prev = f_init
-  pos_fam = p0 + np.arange(-F, 0, dtype=np.float64)  # §5: initial state at p_0-F .. p_0-1
+  rows = fam_rows_in_block(cfg)
+  pos_fam = p0 - B + rows  # §5: initial state at p_0-F .. p_0-1 (as if it compressed the block before)
+  older = []  # fam_history ablation: up to k-1 (state, positions) before f_prev, oldest first
+  history = _ablation(cfg, "fam_history", 1)
   first_update = True
   n_blocks = -(-T // B)
   for tau in range(n_blocks):
@@ -290,16 +333,21 @@ def fam_layer(w: dict, cfg, x: np.ndarray, positions: np.ndarray, f_init: np.nda
     mem_start = max(0, (tau - m) * B)                  # blocks tau-m .. tau-1 that exist
     x_block, pos_block = x[start:stop], positions[start:stop]
     x_mem, pos_mem = x[mem_start:start], positions[mem_start:start]
-    out[start:stop] = fam_block_tokens(w, cfg, x_mem, pos_mem, f_prev, pos_fam, x_block, pos_block)
+    f_seen = np.concatenate([f for f, _ in older] + [f_prev], axis=0)
+    pos_seen = np.concatenate([p for _, p in older] + [pos_fam])
+    out[start:stop] = fam_block_tokens(w, cfg, x_mem, pos_mem, f_seen, pos_seen, x_block, pos_block)
     if stop - start == B:                              # §3 [famjax]: only complete blocks update the FAM
       from_prompt = first_update and first_residual_zero
       residual = np.zeros_like(f_prev) if from_prompt else f_prev
+      f_prev_old = f_prev
       f_new = fam_update(w, cfg, f_prev, pos_fam, x_block, pos_block, residual)
       f_prev = write_gate(w, cfg, f_prev, f_new) if getattr(cfg, "fam_gate", False) and not from_prompt \
           else f_new
       first_update = False
+      if history > 1:
+        older = (older + [(f_prev_old, pos_fam)])[-(history - 1):]
       # §5: the new state takes the positions of the last F tokens of the block it compressed.
-      pos_fam = pos_block[B - F:]
+      pos_fam = pos_block[0] + rows
   return out, f_prev
 
 
@@ -339,7 +387,12 @@ def reference_forward(params: dict, cfg, tokens, *, position_offset=0.0, initial
     initial_fam = np.broadcast_to(np.asarray(initial_fam, dtype=np.float64),
                                   (L, batch, cfg.fam_len, D))
 
-  prompt_states = prompt_pass(params, cfg) if (has_fam and initial_fam is None) else None
+  prompt_states = None
+  if has_fam and initial_fam is None:
+    if _ablation(cfg, "fam_init", "prompt") == "prefix":  # a learned initial state per layer, as is
+      prompt_states = list(params["layers"]["fam_prefix"])
+    else:
+      prompt_states = prompt_pass(params, cfg)
 
   logits = np.zeros((batch, T, cfg.vocab_size), dtype=np.float64)
   final_fam = np.zeros((L, batch, cfg.fam_len, D), dtype=np.float64) if has_fam else None
@@ -349,7 +402,7 @@ def reference_forward(params: dict, cfg, tokens, *, position_offset=0.0, initial
     if cfg.embed_scale:
       x = x * np.sqrt(D)
     for layer in range(L):
-      w = _layer_weights(params, layer)
+      w = {k: v for k, v in _layer_weights(params, layer).items() if k != "fam_prefix"}
       if has_fam:
         if initial_fam is not None:
           f_init, first_residual_zero = initial_fam[layer, b], False   # §6 RSP
@@ -401,7 +454,9 @@ def reference_params(cfg, seed: int) -> dict:
   }
   if not cfg.tie_embeddings:
     params["lm_head"] = mat(D, V)
-  if _has_fam(cfg):
+  if _has_fam(cfg) and _ablation(cfg, "fam_init", "prompt") == "prefix":
+    params["layers"]["fam_prefix"] = mat(L, cfg.fam_len, D)
+  elif _has_fam(cfg):
     params["fam_prompt"] = mat(cfg.fam_len, D)
   if getattr(cfg, "fam_gate", False):
     params["layers"]["fam_gate"] = rng.standard_normal((L, D))  # gates spread over (0, 1)

@@ -23,6 +23,37 @@ def test_table11_expands_to_bswa_memories_and_fam():
   sweep.validate(spec, __import__("pathlib").Path(ROOT))  # every point's config is valid
 
 
+ABLATION_SWEEPS = {  # configs/sweeps/<file>: point names (docs/ablations.md)
+    "fam_length.py": ["fam4", "fam8", "fam16", "fam32", "fam64"],
+    "fam_length_1b.py": ["fam4", "fam16", "fam64", "fam256", "fam1024"],
+    "fam_position.py": ["last", "between", "zero"],
+    "fam_init.py": ["prompt", "prefix"],
+    "fam_history.py": ["history1", "history2", "history4"],
+    "rpo_rsp.py": ["plain", "rpo", "rsp", "rpo_rsp", "rpo_rsp050", "rpo_rsp100"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATION_SWEEPS))
+def test_ablation_sweeps_build_a_valid_config_for_every_point(name):
+  """Every point of the ablation sweeps builds a valid job config, and sets what it says it sets."""
+  from famjax.training.config import job_config  # pylint: disable=import-outside-toplevel
+  spec = sweep.load_sweep(os.path.join(ROOT, "configs/sweeps", name))
+  assert [p["name"] for p in spec["points"]] == ABLATION_SWEEPS[name]
+  sweep.validate(spec, __import__("pathlib").Path(ROOT))
+  config_module = __import__("importlib").import_module(spec["config"][:-3].replace("/", "."))
+  for point in spec["points"]:
+    config = config_module.get_config(point["variant"])
+    for key, value in {**spec.get("overrides", {}), **point["overrides"]}.items():
+      section, field = (config, key) if "." not in key else (config[key.split(".")[0]], key.split(".")[1])
+      section[field] = value
+    job = job_config(config, vocab_size=259)
+    for key, value in point["overrides"].items():
+      group, field = key.split(".")
+      assert getattr(getattr(job, group), field) == value, (point["name"], key)
+  runs = sweep.commands(spec, "/w")
+  assert all(f"--workdir=/w/{p['name']}" in argv for p, (_, argv) in zip(spec["points"], runs))
+
+
 def test_overrides_and_bad_sweeps(tmp_path):
   spec = sweep.load_sweep(os.path.join(ROOT, "configs/sweeps/demo_attention.py"))
   (name, argv), = sweep.commands(spec, "/w", only=["bswa"])

@@ -66,6 +66,9 @@ LAYER_HF_NAMES = {  # famjax layer parameter -> HF name after LAYER_PREFIX
     # zero (every gate 1/2, as init_params) when a checkpoint has none.
     "fam_gate": "fam_gate",
     "fam_gate_bias": "fam_gate_bias",
+    # A learned initial FAM per layer (ModelConfig.fam_init="prefix", a famjax ablation) [F, D]: written by
+    # to_hf; when a checkpoint has none, every layer starts from the rows `initial_fam_prompt` picks.
+    "fam_prefix": "fam_prefix",
 }
 # famjax layer parameter -> (HF name, input axes), as in GLOBAL_WEIGHTS. The input axes of the
 # projections are famjax.model.params.PROJECTIONS; the norm scales (None) have the same layout in both.
@@ -86,7 +89,9 @@ _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attenti
 _HF_DEFAULTS = {"rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10_000.0}
 # ModelConfig fields with no HF meaning: to_hf records them in config.json under "famjax".
 FAMJAX_FIELDS = ("attention", "block_size", "mem_segments", "fam_len", "embed_scale", "dtype",
-                 "param_dtype", "remat", "init_std", "fam_gate")
+                 "param_dtype", "remat", "init_std", "fam_gate",
+                 # the ablations of docs/ablations.md
+                 "window", "mem_stop_gradient", "fam_position", "fam_init", "fam_history")
 _MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 CONFIG_NAME = "config.json"
@@ -251,11 +256,11 @@ def _warn_sliding_window(hf: dict, cfg: ModelConfig) -> None:
   window = hf.get("sliding_window")
   sliding_layers = "sliding_attention" in (hf.get("layer_types") or [])
   enabled = hf.get("use_sliding_window", True)  # Qwen2 has the switch; Mistral uses the window if set
-  if (window is not None and enabled) or sliding_layers:
+  if ((window is not None and enabled) or sliding_layers) and cfg.attention != "swa":
     warnings.warn(
-        f"from_hf: the checkpoint was configured with sliding_window={window}; famjax does not implement "
-        f"it and loads the model with attention={cfg.attention!r} (choose bswa/fam with overrides)",
-        stacklevel=3)
+        f"from_hf: the checkpoint was configured with sliding_window={window}; famjax loads the model with "
+        f"attention={cfg.attention!r} (choose attention='swa', window={window} for a token-level sliding "
+        "window on every layer, or bswa/fam, with overrides)", stacklevel=3)
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -371,6 +376,14 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   if stored:
     slots.update(gate)
   extras |= {name for name in ckpt.names if ".fam_gate" in name} - set(slots)  # a gate the config lacks
+  prefix = {name: slots.pop(name) for name in list(slots) if slots[name].param == "fam_prefix"}
+  stored_prefix = [name for name in prefix if name in ckpt.names]
+  if stored_prefix and len(stored_prefix) < len(prefix):
+    raise ValueError("from_hf: the checkpoint has the FAM prefix of some layers but not of all (missing "
+                     f"e.g. {next(n for n in prefix if n not in ckpt.names)!r})")
+  if stored_prefix:
+    slots.update(prefix)
+  extras |= {name for name in ckpt.names if name.endswith(".fam_prefix")} - set(slots)
   embed_name, head_name = GLOBAL_WEIGHTS["embed"][0], GLOBAL_WEIGHTS["lm_head"][0]
   if cfg.tie_embeddings and head_name in ckpt.names:
     if not np.array_equal(ckpt.read(head_name), ckpt.read(embed_name)):
@@ -392,7 +405,10 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   if gate and not stored:  # a checkpoint without the gate: zero, every gate 1/2 (as init_params)
     params["layers"].update({slot.param: np.zeros((cfg.n_layers,) + slot.shape, dtype)
                              for slot in gate.values()})
-  if cfg.has_fam:
+  if prefix and not stored_prefix:  # every layer from the prompt's initial rows (fam_init="prefix")
+    rows = initial_fam_prompt(params["embed"], cfg.fam_len, cfg.embed_scale).astype(dtype)
+    params["layers"]["fam_prefix"] = np.broadcast_to(rows, (cfg.n_layers,) + rows.shape).copy()
+  if cfg.has_fam and cfg.fam_init == "prompt":
     params["fam_prompt"] = _fam_prompt(ckpt, cfg, params["embed"], prompt_name)
   return jax.tree.map(jnp.asarray, params)
 

@@ -21,6 +21,14 @@ class AttentionKind(str, enum.Enum):
   FULL = "full"  # plain causal attention over every earlier token
   BSWA = "bswa"  # block sliding window: own block causally + `mem_segments` whole previous blocks
   FAM = "fam"  # BSWA + the layer's feedback attention memory of `fam_len` rows
+  SWA = "swa"  # [famjax ablation] token-level sliding window of `window` tokens (the paper's Figure 1a)
+
+
+# Where the rows of a FAM state sit for RoPE (`ModelConfig.fam_position`); the rule is
+# famjax.model.fam.fam_positions. "last" is the spec's (§5).
+FAM_POSITIONS = ("last", "between", "zero")
+# Where each layer's initial FAM comes from (`ModelConfig.fam_init`): "prompt" is the spec's (§4).
+FAM_INITS = ("prompt", "prefix")
 
 
 # Remat (activation checkpointing) of the scan over layers: policy name -> what `jax.checkpoint` saves
@@ -68,9 +76,11 @@ class ModelConfig:
     n_kv_heads: key/value heads (K); N % K == 0 (K == N: MHA, 1 < K < N: GQA, K == 1: MQA).
     head_dim: per-head width (H); None means d_model // n_heads.
     mlp_dim: SwiGLU hidden width (M).
-    attention: "full" | "bswa" | "fam" (spec §2).
-    block_size: tokens per block (B in the spec) for bswa and fam; also the query chunk of `full`.
-    mem_segments: whole previous blocks each block attends to (m in the spec).
+    attention: "full" | "bswa" | "fam" (spec §2), or "swa" (**[famjax ablation]**, see `window`).
+    block_size: tokens per block (B in the spec) for bswa and fam; also the query chunk of `full`, and
+      of `swa`, whose results do not depend on it.
+    mem_segments: whole previous blocks each block attends to (m in the spec). Not used by swa (its
+      memory is `window`).
     fam_len: rows of feedback memory per layer (F); 0 makes fam equal bswa.
     rope_theta: RoPE base.
     rms_eps: RMSNorm epsilon.
@@ -100,6 +110,35 @@ class ModelConfig:
       new weights per layer (`fam_gate` [D], `fam_gate_bias` [F], both 0 at init: g = 1/2). The spec's
       state is a residual stream that grows with every block read; the gate lets a layer leave its FAM
       as it is on a block with nothing to keep (docs/passkey_small.md measures both).
+
+  The ablations below (docs/ablations.md) are off at their defaults, which are the spec's model; each
+  says where its rule lives.
+
+    window: **[famjax ablation: the paper's Figure 1a token-level sliding window]** with attention="swa"
+      only (0 otherwise): each token attends to the previous `window` tokens, itself included, i.e. token
+      i sees tokens j with i - window < j <= i (Mistral's `sliding_window` convention). Computed per
+      query block of block_size tokens against the ceil((window-1)/block_size) blocks before it, with a
+      token-level mask (famjax.model.fam.block_attention_layer, `memory_blocks` below): no L x L score
+      matrix; the stream keeps those blocks and the pending one (constant memory).
+    mem_stop_gradient: **[famjax ablation: Transformer-XL's cached memory]** bswa and fam: the keys
+      and values of the `mem_segments` memory blocks carry no gradient (the block's own keys, the FAM
+      keys and the FAM update still do). Forward values are unchanged
+      (famjax.model.fam.block_attention_layer).
+    fam_position: **[famjax ablation]** the RoPE positions of a FAM state's rows, one of FAM_POSITIONS:
+      "last" (spec §5: the last F positions of the block it compressed), "between" (evenly spaced over
+      that block: row i at its position (i+1)*B/F - 1), "zero" (all rows at that block's first position).
+      One rule for every FAM state, the prompt's included: famjax.model.fam.fam_positions.
+    fam_init: **[famjax ablation: the paper compares a learned prompt with a per-layer prefix and
+      reports the prefix worse]** each layer's initial FAM, one of FAM_INITS: "prompt" (spec §4: one
+      learned prompt `fam_prompt` [F, D] through a forward pass of the layers) or "prefix" (a learned
+      initial state per layer, `layers/fam_prefix` [L, F, D], used as is: no prompt pass). Either way
+      the first update from it uses residual 0 (§3 step 3). famjax.model.transformer.initial_fam.
+    fam_history: **[famjax ablation: the paper's "attending to more than one previous FAM"]** k >= 1:
+      the block tokens attend to the keys of the last k FAM states F_{tau-1} .. F_{tau-k} of their
+      layer (1: the spec's F_{tau-1} only; an older state sits at the positions of the block it
+      compressed). The FAM update itself still reads only F_{tau-1} and the block (§3 step 3). States
+      that do not exist yet (the stream's start, a passed RSP state, a packed example's restart) are
+      masked out. The stream carries the k - 1 older states (famjax.model.fam.history_keys).
   """
 
   vocab_size: int = 256
@@ -124,6 +163,11 @@ class ModelConfig:
   attention_impl: str = "xla"
   init_std: float | None = None
   fam_gate: bool = False
+  window: int = 0
+  mem_stop_gradient: bool = False
+  fam_position: str = "last"
+  fam_init: str = "prompt"
+  fam_history: int = 1
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "block_size")
@@ -131,7 +175,7 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("mem_segments", "fam_len", "attention_chunk"):
+    for name in ("mem_segments", "fam_len", "attention_chunk", "window"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
@@ -160,6 +204,7 @@ class ModelConfig:
     if self.fam_gate and not self.has_fam:
       raise ValueError("ModelConfig.fam_gate gates the FAM update: it needs attention='fam' and fam_len > 0 "
                        f"(got attention={self.attention!r}, fam_len={self.fam_len})")
+    self._check_ablations()
     if not (float(self.rope_theta) > 1.0):
       raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")
     if not (0.0 < float(self.rms_eps) < 1.0):
@@ -183,6 +228,33 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused "
                        f"attention has no {self.dtype} kernel), got dtype={self.dtype!r}")
 
+  def _check_ablations(self) -> None:
+    """The ablation switches (docs/ablations.md): values, and combinations that would mean nothing."""
+    swa = self.attention == AttentionKind.SWA.value
+    if swa and self.window < 1:
+      raise ValueError("ModelConfig.window: attention='swa' needs window >= 1 (the tokens each token "
+                       f"attends to, itself included), got window={self.window}")
+    if self.window and not swa:
+      raise ValueError(f"ModelConfig.window={self.window} is the width of attention='swa' only "
+                       f"(got attention={self.attention!r}); leave it 0")
+    if not isinstance(self.mem_stop_gradient, (bool, np.bool_)):
+      raise ValueError(f"ModelConfig.mem_stop_gradient must be True or False, got {self.mem_stop_gradient!r}")
+    if self.mem_stop_gradient and self.attention not in (AttentionKind.BSWA.value, AttentionKind.FAM.value):
+      raise ValueError("ModelConfig.mem_stop_gradient stops the gradient through the memory blocks of bswa "
+                       f"and fam; attention={self.attention!r} has none")
+    if self.fam_position not in FAM_POSITIONS:
+      raise ValueError(f"ModelConfig.fam_position must be one of {FAM_POSITIONS}, got {self.fam_position!r}")
+    if self.fam_init not in FAM_INITS:
+      raise ValueError(f"ModelConfig.fam_init must be one of {FAM_INITS}, got {self.fam_init!r}")
+    if isinstance(self.fam_history, bool) or not isinstance(self.fam_history, (int, np.integer)) \
+        or self.fam_history < 1:
+      raise ValueError(f"ModelConfig.fam_history must be an integer >= 1, got {self.fam_history!r}")
+    has_fam = self.attention == AttentionKind.FAM.value and self.fam_len > 0
+    for name, default in (("fam_position", "last"), ("fam_init", "prompt"), ("fam_history", 1)):
+      if getattr(self, name) != default and not has_fam:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} needs attention='fam' and fam_len > 0 "
+                         f"(got attention={self.attention!r}, fam_len={self.fam_len})")
+
   @property
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
@@ -193,8 +265,16 @@ class ModelConfig:
 
   @property
   def uses_blocks(self) -> bool:
-    """bswa and fam: constant-size streaming state; full: a growing key/value cache."""
+    """bswa, fam and swa: constant-size streaming state; full: a growing key/value cache."""
     return self.attention != AttentionKind.FULL.value
+
+  @property
+  def memory_blocks(self) -> int:
+    """Whole blocks before a query block whose keys it may read: mem_segments (bswa, fam), or the
+    ceil((window-1)/block_size) blocks that cover a swa window; 0 for full."""
+    if self.attention == AttentionKind.SWA.value:
+      return -(-(self.window - 1) // self.block_size)
+    return self.mem_segments if self.uses_blocks else 0
 
   @property
   def has_fam(self) -> bool:

@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from famjax.model import lora
@@ -43,11 +44,15 @@ class LayerContext(NamedTuple):
   k, v: raw (unrotated) keys/values [B, W, K, H]. bswa/fam: W = (m+1)*S, the m memory blocks (oldest
     first) then the pending partial block. full: the key/value cache, W = its capacity.
   fam: this layer's FAM [B, F, D] (F = 0 without FAM).
+  fam_hist: the k-1 FAM states before `fam` [B, k-1, F, D], oldest first (ModelConfig.fam_history = k;
+    [B, 0, F, D] by default); fam_hist_valid [B, k-1]: False for a state that does not exist (yet).
   """
 
   k: jax.Array
   v: jax.Array
   fam: jax.Array
+  fam_hist: jax.Array
+  fam_hist_valid: jax.Array
 
 
 class ChunkInfo(NamedTuple):
@@ -77,6 +82,23 @@ def _positions(rel: jax.Array, offset: jax.Array | None) -> jax.Array:
   if offset is None:
     return rel
   return offset.reshape(offset.shape + (1,) * rel.ndim) + rel
+
+
+def fam_positions(cfg: ModelConfig) -> jax.Array:
+  """Positions [F] of a FAM state's rows relative to the first token of the block that reads it, i.e.
+  the state compressed the block at -B .. -1 (ModelConfig.fam_position; the one rule, spec §5):
+    "last" (the spec): -F .. -1, the last F positions of the compressed block;
+    "between" **[famjax ablation]**: row i at (i+1)*B/F - 1 - B, evenly spaced over it (the last row at -1);
+    "zero" **[famjax ablation]**: every row at -B, the compressed block's first position.
+  The initial state uses the same positions (as if it had compressed a block just before the first
+  token), and so does the prompt pass (§4).
+  """
+  F, S = cfg.fam_len, cfg.block_size
+  if cfg.fam_position == "between":
+    return jnp.asarray(np.arange(1, F + 1) * (S / F) - 1 - S, jnp.float32)
+  if cfg.fam_position == "zero":
+    return jnp.full((F,), -S, jnp.float32)
+  return jnp.arange(-F, 0)
 
 
 def _attention(cfg: ModelConfig) -> Callable:
@@ -134,12 +156,13 @@ def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array
                v_block: jax.Array, block_valid: jax.Array, offset: jax.Array | None):
   """Spec §3 steps 1 and 3 for one block: the FAM queries read [own FAM, whole block] -> F_new.
 
-  fam [B, F, D] is F_prev at positions -F..-1 relative to the block; k_block [B, S, K, H] is already
-  rotated at 0..S-1. Returns (F_next, kF, vF), kF/vF being F_prev's keys/values that the block's tokens
-  attend to (step 2). F_next = F_prev unless the block is complete (famjax: updates on complete blocks).
+  fam [B, F, D] is F_prev at `fam_positions(cfg)` (-F..-1 in the spec) relative to the block; k_block
+  [B, S, K, H] is already rotated at 0..S-1. Returns (F_next, kF, vF), kF/vF being F_prev's keys/values
+  that the block's tokens attend to (step 2). F_next = F_prev unless the block is complete (famjax:
+  updates on complete blocks).
   """
   F = fam.shape[1]
-  fam_pos = _positions(jnp.arange(-F, 0), offset)
+  fam_pos = _positions(fam_positions(cfg), offset)
   qF, kF, vF = _project_qkv(p, rms_norm(fam, p["attn_norm"], cfg.rms_eps))  # same weights and norm
   qF, kF = rope(qF, fam_pos, cfg.rope_theta), rope(kF, fam_pos, cfg.rope_theta)
   keys = jnp.concatenate([kF, k_block], axis=1)
@@ -156,8 +179,45 @@ def fam_update(p: dict, cfg: ModelConfig, fam: jax.Array, from_prompt: jax.Array
   return jnp.where(complete[:, None, None], new, fam), kF, vF
 
 
-def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.Array, k_blocks, v_blocks,
-                 valid, seg, offset):
+def history_keys(p: dict, cfg: ModelConfig, hist: jax.Array, hist_valid: jax.Array, offset):
+  """**[famjax ablation: ModelConfig.fam_history = k > 1]** keys/values of the k-1 FAM states before
+  F_prev, for the block tokens: hist [B, k-1, F, D] (oldest first), each at the positions of the block it
+  compressed, i.e. `fam_positions` shifted back one block per step of age. Returns kH, vH
+  [B, (k-1)*F, K, H] and their mask [B, (k-1)*F] (False for a state that does not exist)."""
+  Bsz, k1, F, D = hist.shape
+  age = np.arange(k1, 0, -1)  # the oldest state is k-1 blocks before F_prev
+  rel = (fam_positions(cfg)[None, :] - cfg.block_size * jnp.asarray(age)[:, None]).reshape(-1)
+  rows = hist.reshape(Bsz, k1 * F, D)
+  _, kH, vH = _project_qkv(p, rms_norm(rows, p["attn_norm"], cfg.rms_eps))
+  kH = rope(kH, _positions(rel, offset), cfg.rope_theta)
+  return kH, vH, jnp.repeat(hist_valid, F, axis=1)
+
+
+def _push_history(hist, hist_valid, fam, updated):
+  """The history after a block: F_prev joins it (the oldest leaves) where the FAM `updated` [B]."""
+  if hist.shape[1] == 0:
+    return hist, hist_valid
+  shifted = jnp.concatenate([hist[:, 1:], fam[:, None]], axis=1)
+  shifted_valid = jnp.concatenate([hist_valid[:, 1:], jnp.ones_like(hist_valid[:, :1])], axis=1)
+  return (jnp.where(updated[:, None, None, None], shifted, hist),
+          jnp.where(updated[:, None], shifted_valid, hist_valid))
+
+
+def _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk, v_blk, valid_blk, offset):
+  """One block of the FAM scan: the update (spec §3 step 3) and the FAM keys/values the block's tokens
+  read (F_prev's, after the older states' with fam_history > 1) with their mask [B, k*F]."""
+  new, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, offset)
+  mask = jnp.ones(kF.shape[:2], bool)  # the spec's F_{tau-1}: always there
+  if cfg.fam_history > 1:
+    kH, vH, mH = history_keys(p, cfg, hist, hist_valid, offset)
+    kF, vF = jnp.concatenate([kH, kF], axis=1), jnp.concatenate([vH, vF], axis=1)
+    mask = jnp.concatenate([mH, mask], axis=1)
+    hist, hist_valid = _push_history(hist, hist_valid, fam, jnp.all(valid_blk, axis=-1))
+  return new, hist, hist_valid, kF, vF, mask
+
+
+def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.Array, hist0, hist_valid0,
+                 k_blocks, v_blocks, valid, seg, offset):
   """The FAM scan of a chunk of packed examples (segment ids `seg` [B, C, S], 0 = padding) **[famjax]**.
 
   Masking between packed examples is not in the paper (it packs without masks); famjax defines it so
@@ -167,27 +227,32 @@ def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.A
   updates only from a complete block of its own example. Exact when every example starts at a block
   boundary (DataConfig.pack_align); an example that starts inside a block reads no FAM there.
   Padding blocks (segment 0) leave the FAM as it is, so the returned state is the last example's.
+  With fam_history > 1 a restart empties the history (hist0, hist_valid0: the chunk's).
 
-  Returns (F after the chunk [B, F, D], kF, vF [C, B, F, K, H] (the FAM each block saw), the example id
+  Returns (F after the chunk [B, F, D], its history and validity, kF, vF [C, B, k*F, K, H] and their
+  mask [C, B, k*F] (the FAM states each block saw; None with fam_history = 1: all there), the example id
   of that FAM per block [B, C]).
   """
   def step(carry, blk):
-    fam, from_prompt, owner = carry
+    fam, from_prompt, owner, hist, hist_valid = carry
     k_blk, v_blk, valid_blk, seg_blk = blk
     first = seg_blk[:, 0]
     restart = (first > 0) & (first != owner)
     fam = jnp.where(restart[:, None, None], fam0, fam)
     from_prompt = jnp.where(restart, from_prompt0, from_prompt)
+    hist_valid = jnp.where(restart[:, None], False, hist_valid)
     owner = jnp.where(restart, first, owner)
     own = valid_blk & (seg_blk == owner[:, None])  # an example's last, shared block does not update
-    fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, own, offset)
-    return (fam, from_prompt & ~jnp.all(own, axis=-1), owner), (kF, vF, owner)
+    fam, hist, hist_valid, kF, vF, mask = _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk,
+                                                    v_blk, own, offset)
+    carry = (fam, from_prompt & ~jnp.all(own, axis=-1), owner, hist, hist_valid)
+    return carry, (kF, vF, owner, None if cfg.fam_history == 1 else mask)
 
   blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
-  (fam, _, _), (kF, vF, owner) = jax.lax.scan(
-      step, (fam0, from_prompt0, seg[:, 0, 0]),
+  (fam, _, _, hist, hist_valid), (kF, vF, owner, mask) = jax.lax.scan(
+      step, (fam0, from_prompt0, seg[:, 0, 0], hist0, hist_valid0),
       (blocks_first(k_blocks), blocks_first(v_blocks), blocks_first(valid), blocks_first(seg)))
-  return fam, kF, vF, jnp.moveaxis(owner, 0, 1)
+  return fam, hist, hist_valid, kF, vF, mask, jnp.moveaxis(owner, 0, 1)
 
 
 def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo,
@@ -198,7 +263,7 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   block: new token i sits at slot `pending + i` of the chunk's blocks. `max_pending` (static) bounds
   `pending` and so fixes how many blocks the chunk spans.
   """
-  S, m = cfg.block_size, cfg.mem_segments
+  S, m = cfg.block_size, cfg.memory_blocks  # m: mem_segments, or the blocks a swa window covers
   Bsz, n, K, H = k.shape
   C = -(-(max_pending + n) // S)  # blocks the chunk touches
   start = info.pending
@@ -248,36 +313,57 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   else:
     same_example = lambda j: True
 
+  def sliding(mask, j):
+    """[famjax ablation] swa: a key j*S + q_slot - key_slot tokens back is seen only if < window."""
+    if cfg.attention != "swa":
+      return mask
+    return mask & ((j * S + q_slot[:, :, None] - jnp.arange(S)[None, None, :]) < cfg.window)  # [C, Q, S]
+
+  def memory(x):
+    """[famjax ablation] mem_stop_gradient: memory keys/values as Transformer-XL's cached memory."""
+    return jax.lax.stop_gradient(x) if cfg.mem_stop_gradient else x
+
   k_self = rope(kb, block_positions(0), cfg.rope_theta)
   keys, values = [k_self], [vb]
   causal = jnp.arange(S)[None, None, :] <= q_slot[:, :, None]  # [C, Q, S]
-  masks = [causal & valid[:, :, None, :] & same_example(0)]
-  for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2)
-    keys.append(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta))
-    values.append(ext_v[:, m - j:m - j + C])
-    masks.append(ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((Q, 1), bool))
+  masks = [sliding(causal & valid[:, :, None, :] & same_example(0), 0)]
+  for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2; swa: sliding)
+    keys.append(memory(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta)))
+    values.append(memory(ext_v[:, m - j:m - j + C]))
+    seen = ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((Q, 1), bool)
+    masks.append(sliding(seen, j))
 
-  new_fam = ctx.fam
+  new_fam, new_hist, new_hist_valid = ctx.fam, ctx.fam_hist, ctx.fam_hist_valid
   if cfg.has_fam:
-    # Step 2 of spec §9: the only sequential part, F rows per block.
+    # Step 2 of spec §9: the only sequential part, F rows per block (k*F keys with fam_history = k).
     blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
     if info.segment_ids is None:
       def step(carry, blk):
-        fam, from_prompt = carry
+        fam, from_prompt, hist, hist_valid = carry
         k_blk, v_blk, valid_blk = blk
-        fam, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, info.position_offset)
-        return (fam, from_prompt & ~jnp.all(valid_blk, axis=-1)), (kF, vF)
+        fam, hist, hist_valid, kF, vF, mask = _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk,
+                                                        v_blk, valid_blk, info.position_offset)
+        carry = (fam, from_prompt & ~jnp.all(valid_blk, axis=-1), hist, hist_valid)
+        return carry, ((kF, vF) if cfg.fam_history == 1 else (kF, vF, mask))
 
-      (new_fam, _), (kF, vF) = jax.lax.scan(step, (ctx.fam, info.fam_from_prompt),
-                                            (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
-      fam_mask = jnp.ones((Bsz, C, Q, cfg.fam_len), bool)
+      (new_fam, _, new_hist, new_hist_valid), seen = jax.lax.scan(
+          step, (ctx.fam, info.fam_from_prompt, ctx.fam_hist, ctx.fam_hist_valid),
+          (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
+      if cfg.fam_history == 1:  # the spec: F_{c-1} only, always there
+        (kF, vF), fam_mask = seen, jnp.ones((Bsz, C, Q, cfg.fam_len), bool)
+      else:
+        kF, vF, fam_mask = seen
+        fam_mask = jnp.moveaxis(fam_mask, 0, 1)[:, :, None]  # [B, C, 1, k*F]
     else:
-      new_fam, kF, vF, fam_seg = fam_restarts(p, cfg, ctx.fam, info.fam_from_prompt, k_self, vb, valid, seg,
-                                              info.position_offset)
+      new_fam, new_hist, new_hist_valid, kF, vF, fam_mask, fam_seg = fam_restarts(
+          p, cfg, ctx.fam, info.fam_from_prompt, ctx.fam_hist, ctx.fam_hist_valid, k_self, vb, valid, seg,
+          info.position_offset)
       # A query reads the FAM only if it belongs to its example (an example that starts inside a block
-      # reads no FAM in that block); [B, C, Q, F].
-      fam_mask = jnp.broadcast_to((q_seg == fam_seg[:, :, None])[..., None], (Bsz, C, Q, cfg.fam_len))
-    keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, F, K, H]: the FAM block c saw (F_{c-1})
+      # reads no FAM in that block); [B, C, Q, k*F].
+      same = (q_seg == fam_seg[:, :, None])[..., None]
+      fam_mask = jnp.broadcast_to(same, (Bsz, C, Q, cfg.fam_len)) if fam_mask is None else \
+          same & jnp.moveaxis(fam_mask, 0, 1)[:, :, None]
+    keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, k*F, K, H]: the FAM block c saw (F_{c-1}, older first)
     values.append(jnp.moveaxis(vF, 0, 1))
     masks.append(fam_mask)
 
@@ -294,7 +380,7 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)
   window = lambda a: jax.lax.dynamic_slice_in_dim(pad(a), complete_blocks, m + 1, axis=1).reshape(
       Bsz, (m + 1) * S, K, H)
-  return out, LayerContext(window(ext_k), window(ext_v), new_fam)
+  return out, LayerContext(window(ext_k), window(ext_v), new_fam, new_hist, new_hist_valid)
 
 
 def full_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo):
@@ -355,10 +441,10 @@ def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
   """Spec §4: each layer's initial FAM from a forward pass of the learned prompt alone.
 
   Z_1 = prompt (used as the layer-1 input as is), Z_{l+1} = layer_l(Z_l) with bidirectional attention
-  among the F prompt rows. Returns Z_l for every layer: [L, F, D].
+  among the F prompt rows, at `fam_positions(cfg)`. Returns Z_l for every layer: [L, F, D].
   """
   F = prompt.shape[0]
-  pos = jnp.arange(-F, 0).astype(jnp.float32)
+  pos = fam_positions(cfg).astype(jnp.float32)  # -F..-1 by default; only differences matter here
   everyone = jnp.ones((F, F), bool)
 
   def layer(z, p):

@@ -53,9 +53,10 @@ def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
 
 def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None, in_scan: bool = False) -> dict:
   """The model's parameter dict from a LoRA run's (trainable, frozen) split (famjax.training.lora.split):
-  the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights under
-  "fam_gate") put back in place, and the adapters merged; with `in_scan`, left for the model to merge
-  a layer at a time (params["layers"][IN_SCAN], B scaled)."""
+  the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights and the
+  fam_init="prefix" ablation's `fam_prefix`, both under "fam_gate") put back in place, and the adapters
+  merged; with `in_scan`, left for the model to merge a layer at a time (params["layers"][IN_SCAN], B
+  scaled)."""
   params = dict(frozen)
   if "fam_prompt" in trainable:
     params["fam_prompt"] = trainable["fam_prompt"]

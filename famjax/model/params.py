@@ -11,6 +11,8 @@ The parameter tree (what `famjax.Transformer.params_dict()` returns, and `init_p
     mlp_norm   [L, D]        gate [L, D, M]   up [L, D, M]     down [L, M, D]
     fam_gate [L, D], fam_gate_bias [L, F]  the FAM write gate, only with ModelConfig.fam_gate (a famjax
                                            extension, zero at init)
+    fam_prefix [L, F, D]   each layer's learned initial FAM, only with ModelConfig.fam_init="prefix" (a
+                           famjax ablation; then there is no fam_prompt)
 
 Each entry carries logical axis names (LOGICAL_AXES) that the parallelism package maps to mesh axes.
 """
@@ -48,6 +50,7 @@ LOGICAL_AXES = {
         "down": ("layers", "mlp", "embed"),
         "fam_gate": ("layers", "embed"),
         "fam_gate_bias": ("layers", "fam"),
+        "fam_prefix": ("layers", "fam", "embed"),
     },
 }
 
@@ -66,7 +69,9 @@ def param_shapes(cfg: ModelConfig) -> dict:
   }
   if not cfg.tie_embeddings:
     shapes["lm_head"] = (D, V)
-  if cfg.has_fam:
+  if cfg.has_fam and cfg.fam_init == "prefix":
+    shapes["layers"]["fam_prefix"] = (L, cfg.fam_len, D)
+  elif cfg.has_fam:
     shapes["fam_prompt"] = (cfg.fam_len, D)
   if cfg.fam_gate:
     shapes["layers"].update(fam_gate=(L, D), fam_gate_bias=(L, cfg.fam_len))
@@ -78,7 +83,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2), the FAM write
   gate (ModelConfig.fam_gate) at 0 (every gate 1/2).
 
-  The FAM prompt is drawn like token embeddings (times sqrt(D) when `embed_scale`), so it starts on the
+  The FAM prompt (or prefix) is drawn like token embeddings (times sqrt(D) when `embed_scale`), so it starts on the
   distribution of the inputs it stands in for. Output projections (o, down) are scaled by
   1/sqrt(2 L), as in GPT-2, so the residual stream does not grow with depth.
   """
@@ -98,7 +103,7 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     std = cfg.init_std
     if name in ("o", "down"):
       std = std / (2 * cfg.n_layers) ** 0.5
-    if name == "fam_prompt" and cfg.embed_scale:
+    if name in ("fam_prompt", "fam_prefix") and cfg.embed_scale:
       std = std * cfg.d_model ** 0.5
     leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -24,6 +24,7 @@ class FamState(NamedTuple):
   """The FAM of every layer: values [L, B, F, D]; from_prompt [B] (True: residual 0 at the next update).
 
   Pass one to `Transformer.__call__` to start from a saved state (Random State Passing, spec §6).
+  With ModelConfig.fam_history > 1 only the latest state is passed: the older ones start out missing.
   """
 
   values: jax.Array
@@ -34,9 +35,11 @@ class FamState(NamedTuple):
 class StreamState:
   """Everything a stream carries between chunks. bswa/fam: constant size. Keys are stored unrotated.
 
-  k, v: [L, B, W, K, H] (bswa/fam: W = (m+1)*block_size, memory blocks then the pending block;
-    full: the cache, grown by `Transformer.stream` as needed).
+  k, v: [L, B, W, K, H] (bswa/fam/swa: W = (m+1)*block_size with m = ModelConfig.memory_blocks, memory
+    blocks then the pending block; full: the cache, grown by `Transformer.stream` as needed).
   fam: [L, B, F, D]; fam_from_prompt: [B].
+  fam_hist: [L, B, k-1, F, D], the FAM states before `fam` with ModelConfig.fam_history = k (a famjax
+    ablation; k-1 = 0 by default); fam_hist_valid: [L, B, k-1], False for a state that does not exist.
   context: valid memory blocks (bswa/fam) or cached tokens (full); pending: tokens of the partial block.
   position: the absolute position of the next token (int32, informational: logits never depend on it).
   aligned: static; True while `pending` is known to be 0, which lets a chunk of whole blocks skip a
@@ -47,6 +50,8 @@ class StreamState:
   v: jax.Array
   fam: jax.Array
   fam_from_prompt: jax.Array
+  fam_hist: jax.Array
+  fam_hist_valid: jax.Array
   context: jax.Array
   pending: jax.Array
   position: jax.Array
@@ -69,21 +74,28 @@ def _unconstrained(x: jax.Array, names: tuple) -> jax.Array:
 
 
 def prompt_fam(params: dict, cfg: ModelConfig) -> jax.Array:
-  """Each layer's initial FAM from the learned prompt (spec §4): [L, F, D]; [L, 0, D] without FAM."""
+  """Each layer's initial FAM [L, F, D] ([L, 0, D] without FAM): from the learned prompt (spec §4), or
+  with ModelConfig.fam_init="prefix" (**[famjax ablation]**) the learned per-layer `layers/fam_prefix`
+  as is. The one place the initial FAM is chosen."""
   if not cfg.has_fam:
     return jnp.zeros((cfg.n_layers, 0, cfg.d_model), cfg.compute_dtype)
+  if cfg.fam_init == "prefix":
+    return params["layers"]["fam_prefix"].astype(cfg.compute_dtype)
   return prompt_pass(params["layers"], cfg, params["fam_prompt"].astype(cfg.compute_dtype))
 
 
 def empty_state(params: dict, cfg: ModelConfig, batch_size: int, start_position=0) -> StreamState:
-  """The state before the first token: empty memory, FAM from the prompt."""
+  """The state before the first token: empty memory, FAM from the prompt (no older FAM states)."""
   L, K, H = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
-  width = (cfg.mem_segments + 1) * cfg.block_size if cfg.uses_blocks else 0
+  width = (cfg.memory_blocks + 1) * cfg.block_size if cfg.uses_blocks else 0
   kv = jnp.zeros((L, batch_size, width, K, H), cfg.compute_dtype)
   fam = prompt_fam(params, cfg)
+  old = cfg.fam_history - 1 if cfg.has_fam else 0
   return StreamState(
       k=kv, v=kv, fam=jnp.broadcast_to(fam[:, None], (L, batch_size) + fam.shape[1:]),
-      fam_from_prompt=jnp.ones((batch_size,), bool), context=jnp.zeros((), jnp.int32),
+      fam_from_prompt=jnp.ones((batch_size,), bool),
+      fam_hist=jnp.zeros((L, batch_size, old) + fam.shape[1:], cfg.compute_dtype),
+      fam_hist_valid=jnp.zeros((L, batch_size, old), bool), context=jnp.zeros((), jnp.int32),
       pending=jnp.zeros((), jnp.int32), position=jnp.asarray(start_position, jnp.int32))
 
 
@@ -129,7 +141,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
 
   if cfg.remat != "none":
     layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
-  contexts = LayerContext(state.k, state.v, state.fam.astype(dtype))
+  contexts = LayerContext(state.k, state.v, state.fam.astype(dtype), state.fam_hist.astype(dtype),
+                          state.fam_hist_valid)
   x, contexts = jax.lax.scan(layer, x, (params["layers"], contexts))
 
   h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_eps)
@@ -144,7 +157,7 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   if cfg.uses_blocks:
     S = cfg.block_size
     done = total // S  # blocks completed by this chunk
-    context = jnp.minimum(state.context + done, cfg.mem_segments)
+    context = jnp.minimum(state.context + done, cfg.memory_blocks)
     pending = total % S
     if token_mask is None:
       completed_one = jnp.broadcast_to(done > 0, state.fam_from_prompt.shape)
@@ -154,7 +167,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
   else:
     context, pending, from_prompt = state.context + n, state.pending, state.fam_from_prompt
   new_state = StreamState(
-      k=contexts.k, v=contexts.v, fam=contexts.fam, fam_from_prompt=from_prompt, context=context,
+      k=contexts.k, v=contexts.v, fam=contexts.fam, fam_from_prompt=from_prompt, fam_hist=contexts.fam_hist,
+      fam_hist_valid=contexts.fam_hist_valid, context=context,
       pending=pending, position=state.position + n, aligned=state.aligned)
   return logits, new_state
 
@@ -203,7 +217,8 @@ class DecoderLayers(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """A Llama-family decoder with `full`, `bswa` or `fam` attention (spec ../shared/docs/fam.md).
+  """A Llama-family decoder with `full`, `bswa` or `fam` attention (spec ../shared/docs/fam.md), or the
+  `swa` ablation (docs/ablations.md).
 
   Usage:
     model = Transformer(ModelConfig(...), rngs=nnx.Rngs(0))

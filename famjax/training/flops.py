@@ -50,10 +50,12 @@ def _keys_per_token(cfg: ModelConfig, seq_len: int) -> float:
   i = np.arange(seq_len)
   if not cfg.uses_blocks:
     return float(np.sum(i + 1))
+  if cfg.attention == "swa":  # the token-level window (a famjax ablation)
+    return float(np.sum(np.minimum(i + 1, cfg.window)))
   S = cfg.block_size
   keys = i % S + 1 + np.minimum(i // S, cfg.mem_segments) * S
   if cfg.has_fam:
-    keys = keys + cfg.fam_len
+    keys = keys + cfg.fam_len * cfg.fam_history  # the last fam_history states (1: the spec)
   return float(np.sum(keys))
 
 

@@ -81,9 +81,21 @@ def load_params(path, model_cfg: ModelConfig) -> dict:
     raise ConfigError(f"config.init_from: {e}") from None
   params = jax.tree.map(lambda x: jnp.asarray(x, model_cfg.storage_dtype), params)
   want = (model_cfg.fam_len, model_cfg.d_model)
-  if not (model_cfg.has_fam and "fam_prompt" in params and params["fam_prompt"].shape == want):
+  prompt_init = model_cfg.has_fam and model_cfg.fam_init == "prompt"
+  if not (prompt_init and "fam_prompt" in params and params["fam_prompt"].shape == want):
     params.pop("fam_prompt", None)  # none in the source, or one of another length: start a new one
-    if model_cfg.has_fam:
+    if prompt_init:
       prompt = initial_fam_prompt(np.asarray(params["embed"]), model_cfg.fam_len, model_cfg.embed_scale)
       params["fam_prompt"] = jnp.asarray(prompt, model_cfg.storage_dtype)
+  # The fam_init="prefix" ablation: a per-layer initial FAM, started like the prompt when the source has
+  # none of this shape.
+  layers = dict(params["layers"])
+  prefix_init = model_cfg.has_fam and model_cfg.fam_init == "prefix"
+  if not (prefix_init and "fam_prefix" in layers and layers["fam_prefix"].shape == (model_cfg.n_layers,) + want):
+    layers.pop("fam_prefix", None)
+    if prefix_init:
+      rows = initial_fam_prompt(np.asarray(params["embed"]), model_cfg.fam_len, model_cfg.embed_scale)
+      layers["fam_prefix"] = jnp.asarray(np.broadcast_to(rows, (model_cfg.n_layers,) + rows.shape),
+                                         model_cfg.storage_dtype)
+  params["layers"] = layers
   return params

@@ -8,7 +8,8 @@ a plain parameter dict for `famjax.Transformer(cfg, params=...)` or `famjax.to_h
 
 The parameters are split into what the optimizer trains and what stays frozen:
   LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM), "fam_gate": {the
-         layers' write-gate weights} (with ModelConfig.fam_gate)}; frozen = the rest. The weights a
+         layers' write-gate weights (with ModelConfig.fam_gate) and `fam_prefix` (with
+         fam_init="prefix")}}; frozen = the rest. The weights a
          pretrained decoder lacks are trained in full.
   full:  trainable = every parameter; frozen = {}
 """
@@ -26,8 +27,9 @@ from famjax.training.config import LoraConfig
 
 # Number of input axes (after the layer axis) of each target: famjax.model.params.PROJECTIONS.
 IN_AXES = PROJECTIONS
-# The per-layer weights of the FAM write gate (ModelConfig.fam_gate): new weights, trained in full.
-GATE = ("fam_gate", "fam_gate_bias")
+# The per-layer weights a pretrained decoder lacks, trained in full: the FAM write gate's
+# (ModelConfig.fam_gate) and the learned initial FAM of ModelConfig.fam_init="prefix" (as the prompt).
+GATE = ("fam_gate", "fam_gate_bias", "fam_prefix")
 
 
 def _split_new(tree: dict) -> tuple[dict, dict]:
