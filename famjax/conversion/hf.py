@@ -363,27 +363,28 @@ def initial_fam_prompt(embed: np.ndarray, fam_len: int, embed_scale: bool) -> np
   return rows * np.float32(math.sqrt(D)) if embed_scale else rows
 
 
+def _optional(slots: dict, ckpt: _Checkpoint, param: str, what: str) -> set:
+  """Keeps in `slots` the tensors of famjax parameters named `param...` only if the checkpoint has all of
+  them (a ValueError if it has some); returns the checkpoint's tensors of that kind not in `slots`."""
+  group = {name: slots.pop(name) for name in list(slots) if slots[name].param.startswith(param)}
+  stored = [name for name in group if name in ckpt.names]
+  if stored and len(stored) < len(group):
+    raise ValueError(f"from_hf: the checkpoint has some but not all of {what} (missing e.g. "
+                     f"{next(n for n in group if n not in ckpt.names)!r})")
+  if stored:
+    slots.update(group)
+  return {name for name in ckpt.names if f".{param}" in name} - set(slots)
+
+
 def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   slots = hf_tensor_slots(cfg)
   prompt_name = GLOBAL_WEIGHTS["fam_prompt"][0]
   slots.pop(prompt_name, None)  # optional: handled below
   extras = {prompt_name}
-  gate = {name: slots.pop(name) for name in list(slots) if slots[name].param.startswith("fam_gate")}
-  stored = [name for name in gate if name in ckpt.names]
-  if stored and len(stored) < len(gate):
-    raise ValueError("from_hf: the checkpoint has some of the FAM write gate's tensors but not all "
-                     f"(missing e.g. {next(n for n in gate if n not in ckpt.names)!r})")
-  if stored:
-    slots.update(gate)
-  extras |= {name for name in ckpt.names if ".fam_gate" in name} - set(slots)  # a gate the config lacks
-  prefix = {name: slots.pop(name) for name in list(slots) if slots[name].param == "fam_prefix"}
-  stored_prefix = [name for name in prefix if name in ckpt.names]
-  if stored_prefix and len(stored_prefix) < len(prefix):
-    raise ValueError("from_hf: the checkpoint has the FAM prefix of some layers but not of all (missing "
-                     f"e.g. {next(n for n in prefix if n not in ckpt.names)!r})")
-  if stored_prefix:
-    slots.update(prefix)
-  extras |= {name for name in ckpt.names if name.endswith(".fam_prefix")} - set(slots)
+  # optional famjax tensors: read when the checkpoint has all of them, else filled below; those of a
+  # config that lacks them are ignored
+  extras |= _optional(slots, ckpt, "fam_gate", "the FAM write gate's tensors")
+  extras |= _optional(slots, ckpt, "fam_prefix", "the FAM prefix of every layer")
   embed_name, head_name = GLOBAL_WEIGHTS["embed"][0], GLOBAL_WEIGHTS["lm_head"][0]
   if cfg.tie_embeddings and head_name in ckpt.names:
     if not np.array_equal(ckpt.read(head_name), ckpt.read(embed_name)):
