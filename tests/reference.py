@@ -22,8 +22,9 @@ Conventions resolved here where the spec leaves room (see also the docstrings be
   * Positions are float64 `p_i = offset_b + i` (spec §2); `offset` may be a scalar or one per example.
   * The FAM state used by block tau has the positions of the last F tokens of block tau-1, i.e.
     start(tau)-F .. start(tau)-1 (spec §5); the initial state takes p_0-F .. p_0-1.
-  * The learned-prompt pass (spec §4) runs at positions -F .. -1; with bidirectional attention among the
-    prompt rows only, the result depends only on position differences, so the choice is immaterial.
+  * The learned-prompt pass (spec §4) runs at positions -F .. -1 (with the fam_position ablation, at the
+    initial state's positions); with bidirectional attention among the prompt rows only, the result
+    depends only on position differences, so the offset is immaterial.
   * The residual of the FAM update is 0 for the very first update from the learned prompt and F_prev
     otherwise, including the very first update from a passed `initial_fam` (spec §3 step 3, §6 RSP).
   * A trailing partial block updates no FAM (spec §3 [famjax]); its tokens still attend to the memory

@@ -151,7 +151,8 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
   H, copies = cfg.head_dim, ACTIVATION_COPIES
   kv_windows = 0
   if cfg.uses_blocks:
-    blocks, width = -(-T // cfg.block_size), (cfg.mem_segments + 1) * cfg.block_size + cfg.fam_len
+    fam_keys = cfg.fam_len * getattr(cfg, "fam_history", 1)
+    blocks, width = -(-T // cfg.block_size), (cfg.memory_blocks + 1) * cfg.block_size + fam_keys
     if G and G < blocks:  # G blocks' scores at a time; the keys and values of every block's window
       scores = copies["chunked_scores"] * b * G * heads * cfg.block_size * width * 4
       kv_windows = b * blocks * width * kv_heads * H * 4
