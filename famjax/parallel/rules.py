@@ -4,9 +4,9 @@ Every parameter carries logical axis names (famjax.model.params.LOGICAL_AXES, an
 names in famjax.training.lora); batches use "batch" and "length"; the activations the model pins between
 layers use ("batch", "length", "embed") and its logits ("batch", "length", "vocab"), see
 `activation_constraint`. A name maps to a mesh axis, a tuple of mesh axes, or None (replicated); a name
-given as None is never split. A dimension is only split when its size is divisible by the mesh axes' product and no other dimension of
-the same array already uses those axes; otherwise it stays replicated (so small or oddly sized arrays,
-e.g. a 259-token vocabulary, still work). The optimizer state is split like the parameters it mirrors
+given as None is never split. A dimension is only split when its size is divisible by the mesh axes'
+product and no other dimension of the same array already uses those axes; otherwise it stays replicated
+(so small or oddly sized arrays, e.g. a 259-token vocabulary, still work). The optimizer state is split like the parameters it mirrors
 (`mirror_shardings`).
 """
 
