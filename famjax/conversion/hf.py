@@ -363,9 +363,10 @@ def initial_fam_prompt(embed: np.ndarray, fam_len: int, embed_scale: bool) -> np
   return rows * np.float32(math.sqrt(D)) if embed_scale else rows
 
 
-def _optional(slots: dict, ckpt: _Checkpoint, param: str, what: str) -> set:
+def _optional(slots: dict, ckpt: _Checkpoint, param: str, what: str) -> tuple[dict, bool, set]:
   """Keeps in `slots` the tensors of famjax parameters named `param...` only if the checkpoint has all of
-  them (a ValueError if it has some); returns the checkpoint's tensors of that kind not in `slots`."""
+  them (a ValueError if it has some). Returns those slots, whether the checkpoint has them, and the
+  checkpoint's tensors of that kind not in `slots` (of a config that lacks them)."""
   group = {name: slots.pop(name) for name in list(slots) if slots[name].param.startswith(param)}
   stored = [name for name in group if name in ckpt.names]
   if stored and len(stored) < len(group):
@@ -373,7 +374,7 @@ def _optional(slots: dict, ckpt: _Checkpoint, param: str, what: str) -> set:
                      f"{next(n for n in group if n not in ckpt.names)!r})")
   if stored:
     slots.update(group)
-  return {name for name in ckpt.names if f".{param}" in name} - set(slots)
+  return group, bool(stored), {name for name in ckpt.names if f".{param}" in name} - set(slots)
 
 
 def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
@@ -383,8 +384,10 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
   extras = {prompt_name}
   # optional famjax tensors: read when the checkpoint has all of them, else filled below; those of a
   # config that lacks them are ignored
-  extras |= _optional(slots, ckpt, "fam_gate", "the FAM write gate's tensors")
-  extras |= _optional(slots, ckpt, "fam_prefix", "the FAM prefix of every layer")
+  gate, gate_stored, gate_extras = _optional(slots, ckpt, "fam_gate", "the FAM write gate's tensors")
+  prefix, prefix_stored, prefix_extras = _optional(slots, ckpt, "fam_prefix",
+                                                   "the FAM prefix of every layer")
+  extras |= gate_extras | prefix_extras
   embed_name, head_name = GLOBAL_WEIGHTS["embed"][0], GLOBAL_WEIGHTS["lm_head"][0]
   if cfg.tie_embeddings and head_name in ckpt.names:
     if not np.array_equal(ckpt.read(head_name), ckpt.read(embed_name)):
@@ -403,10 +406,10 @@ def _load_params(ckpt: _Checkpoint, cfg: ModelConfig) -> dict:
     else:
       layers.setdefault(slot.param, [None] * cfg.n_layers)[slot.layer] = w
   params["layers"] = {param: np.stack(ws) for param, ws in layers.items()}
-  if gate and not stored:  # a checkpoint without the gate: zero, every gate 1/2 (as init_params)
+  if gate and not gate_stored:  # a checkpoint without the gate: zero, every gate 1/2 (as init_params)
     params["layers"].update({slot.param: np.zeros((cfg.n_layers,) + slot.shape, dtype)
                              for slot in gate.values()})
-  if prefix and not stored_prefix:  # every layer from the prompt's initial rows (fam_init="prefix")
+  if prefix and not prefix_stored:  # every layer from the prompt's initial rows (fam_init="prefix")
     rows = initial_fam_prompt(params["embed"], cfg.fam_len, cfg.embed_scale).astype(dtype)
     params["layers"]["fam_prefix"] = np.broadcast_to(rows, (cfg.n_layers,) + rows.shape).copy()
   if cfg.has_fam and cfg.fam_init == "prompt":
