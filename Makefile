@@ -31,8 +31,11 @@ demo: setup
 stream-demo: setup
 	$(PY) -m famjax.demo
 
+# One pytest process per test file: a process that has loaded TensorFlow's data pipelines (the data and
+# evaluation tests) and then compiled hundreds of XLA programs segfaulted once inside XLA's compiler
+# (tests/test_model.py, which passes on its own); separate processes keep the files independent.
 test: setup-test
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	@set -e; for f in tests/test_*.py; do echo "== $$f"; $(PY) -m pytest -q -p no:cacheprovider $$f; done
 
 bench: setup
 	$(PY) benchmarks/bench_model.py
