@@ -53,12 +53,14 @@ _VOCAB = flags.DEFINE_string("vocabulary", "", "'byte' or a SentencePiece .model
                              "directories (a workdir uses its run's)")
 _BOS = flags.DEFINE_integer("bos_id", 0, "id put before every text (0: famjax's training batches; "
                             "1 for an untuned Llama checkpoint; -1: none)")
-_ATTENTION = flags.DEFINE_enum("attention", None, ["full", "bswa", "fam"],
+_ATTENTION = flags.DEFINE_enum("attention", None, ["full", "bswa", "fam", "swa"],
                                "Hugging Face directories: the attention to load them with (a "
                                "workdir is evaluated as it trained)")
 _BLOCK = flags.DEFINE_integer("block_size", None, "Hugging Face directories: block size")
 _MEM = flags.DEFINE_integer("mem_segments", None, "Hugging Face directories: memory segments")
 _FAM_LEN = flags.DEFINE_integer("fam_len", None, "Hugging Face directories: FAM rows per layer")
+_WINDOW = flags.DEFINE_integer("window", None, "Hugging Face directories with --attention=swa: each token "
+                               "sees the previous `window` tokens")
 
 
 def _fail(message: str) -> None:
@@ -69,7 +71,7 @@ def _fail(message: str) -> None:
 def overrides() -> dict:
   """The ModelConfig overrides given on the command line (for Hugging Face directories)."""
   return {"attention": _ATTENTION.value, "block_size": _BLOCK.value, "mem_segments": _MEM.value,
-          "fam_len": _FAM_LEN.value}
+          "fam_len": _FAM_LEN.value, "window": _WINDOW.value}
 
 
 def _sources() -> list:

@@ -28,10 +28,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "a famjax run: its newest checkp
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "a Hugging Face directory (config.json + safetensors)")
 _VOCAB = flags.DEFINE_string("vocabulary", "", "'byte' or a SentencePiece .model (default: the run's, "
                              "or the HF directory's tokenizer.model)")
-_ATTENTION = flags.DEFINE_enum("attention", None, ["full", "bswa", "fam"], "--hf_dir: attention")
+_ATTENTION = flags.DEFINE_enum("attention", None, ["full", "bswa", "fam", "swa"], "--hf_dir: attention")
 _BLOCK = flags.DEFINE_integer("block_size", None, "--hf_dir: block size")
 _MEM = flags.DEFINE_integer("mem_segments", None, "--hf_dir: memory segments")
 _FAM_LEN = flags.DEFINE_integer("fam_len", None, "--hf_dir: FAM rows per layer")
+_WINDOW = flags.DEFINE_integer("window", None, "--hf_dir with --attention=swa: tokens each token sees")
 _PROMPT = flags.DEFINE_string("prompt", None, "the prompt text")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a file holding the prompt (UTF-8)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
@@ -74,9 +75,9 @@ def _source() -> load.ModelSource:
   if (_WORKDIR.value is None) == (_HF_DIR.value is None):
     raise ValueError("give one of --workdir or --hf_dir")
   overrides = {"attention": _ATTENTION.value, "block_size": _BLOCK.value,
-               "mem_segments": _MEM.value, "fam_len": _FAM_LEN.value}
+               "mem_segments": _MEM.value, "fam_len": _FAM_LEN.value, "window": _WINDOW.value}
   if _WORKDIR.value is not None and any(v is not None for v in overrides.values()):
-    raise ValueError("--attention, --block_size, --mem_segments, --fam_len apply to --hf_dir; a "
+    raise ValueError("--attention, --block_size, --mem_segments, --fam_len, --window apply to --hf_dir; a "
                      "workdir's model is the one it trained")
   return load.describe(_WORKDIR.value or _HF_DIR.value, vocabulary=_VOCAB.value, hf_overrides=overrides)
 

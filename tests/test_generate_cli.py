@@ -56,3 +56,18 @@ def test_a_missing_model_directory_is_one_line_exit_2(tmp_path):
   proc = run(f"--workdir={tmp_path / 'nowhere'}", "--prompt=hi")
   assert proc.returncode == 2
   assert proc.stderr.strip() == f"famjax.generate: error: {tmp_path / 'nowhere'}: no such directory"
+
+
+def test_a_hugging_face_directory_runs_with_token_level_sliding_window(model_and_dir):
+  """--attention=swa --window=N (a famjax ablation, docs/ablations.md): the text is the in-process model's
+  loaded with the same overrides."""
+  _, hf_dir = model_and_dir
+  flags = dict(attention="swa", window=5, fam_len=0, mem_segments=0)
+  proc = run(f"--hf_dir={hf_dir}", f"--prompt={PROMPT}", "--max_new_tokens=8", "--ignore_eos",
+             *(f"--{k}={v}" for k, v in flags.items()))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model = famjax.from_hf(hf_dir, **flags)
+  assert model.config.attention == "swa" and model.config.window == 5
+  ids = np.asarray([[0] + [byte + 3 for byte in PROMPT.encode()]], np.int32)
+  tokens = generate(model, ids, max_new_tokens=8, seed=0, sampling=SamplingConfig()).tokens[0]
+  assert proc.stdout == bytes(int(t) - 3 for t in tokens if t >= 3).decode("utf-8", "ignore") + "\n"

@@ -24,7 +24,7 @@ from famjax.workdir import WorkdirError, layout
 from famjax.workdir import model as workdir_model
 
 WORKDIR, HF = "famjax workdir", "Hugging Face directory"
-HF_OVERRIDES = ("attention", "block_size", "mem_segments", "fam_len")
+HF_OVERRIDES = ("attention", "block_size", "mem_segments", "fam_len", "window")
 BYTE_VOCABULARY, BYTE_VOCAB_SIZE = "byte", 259
 
 
@@ -59,7 +59,7 @@ def describe(path, name: Optional[str] = None, vocabulary: str = "",
              hf_overrides: Optional[dict] = None) -> ModelSource:
   """The ModelSource at `path`, checked without reading weights (LoadError naming the path).
 
-  `hf_overrides` (attention, block_size, mem_segments, fam_len; None values are dropped) apply to a
+  `hf_overrides` (attention, block_size, mem_segments, fam_len, window; None values are dropped) apply to a
   Hugging Face directory; a famjax workdir is always its run's model."""
   path = Path(path).expanduser().absolute()
   hf_overrides = {k: v for k, v in (hf_overrides or {}).items() if v is not None}
