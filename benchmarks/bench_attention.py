@@ -1,7 +1,8 @@
-"""The block attention a bounded number of blocks at a time (`model.attention_chunk`): memory and time; and
-the default path's step time before and after the change that added it.
+"""The block attention a bounded number of blocks at a time (`model.attention_chunk`) and the MLP a bounded
+number of tokens at a time (`model.mlp_chunk`): memory and time; and the default path's step time before
+and after the change that added them.
 
-  python benchmarks/bench_attention.py [--steps 5] [--baseline 4c26bb0] [--tables baseline,scores,long,demo]
+  python benchmarks/bench_attention.py [--steps 5] [--baseline 4c26bb0] [--tables baseline,scores,long,demo,mlp]
 
 1. `--baseline REF` (a git commit; 4c26bb0 is the last one without attention_chunk and attention_impl):
    the demo config and the d768 config of benchmarks/bench_train.py, both with the defaults
@@ -12,6 +13,8 @@ the default path's step time before and after the change that added it.
 3. the same at the paper's block structure, block 1024, 3 memory blocks, FAM 64, 1 x 8192 tokens (8
    blocks), as the 8k rows of benchmarks/bench_train.py: scores 16 times the keys (the paper's 1B: 8).
 4. the demo config itself (block 64, 1 memory block, 8 x 512 tokens: 8 blocks of small scores), 0 vs 2.
+5. mlp_chunk 0, 512, 2048 at the shape of 3 with attention_chunk 1 (the MLP's [8192, 1024] activations
+   then outweigh one block's scores), and 0 vs 256 at the d768 config (4 x 1024 tokens, MLP 3072).
 
 Every row is a train step of its own worker process (its code tree, one CPU device, synthetic batches),
 compiled ahead of time: a hash of its compiled program (without source locations: equal hashes, the
@@ -166,7 +169,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--baseline", default="", help="a git commit to compare the default path with")
-  parser.add_argument("--tables", default="baseline,scores,long,demo", help="which tables (1-4 above)")
+  parser.add_argument("--tables", default="baseline,scores,long,demo,mlp", help="which tables (1-5 above)")
   parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
@@ -191,6 +194,12 @@ def main() -> None:
   if "demo" in tables:
     table("attention_chunk: the demo config (block 64, mem 1, 8 x 512 tokens, remat none)",
           [Row(f"attention_chunk={k}", ROOT, {"model.attention_chunk": k}) for k in (0, 2)], args.steps)
+  if "mlp" in tables:
+    table("mlp_chunk: demo model, block 1024, mem 3, FAM 64, 1 x 8192 tokens, remat full, attention_chunk 1",
+          [Row(f"mlp_chunk={k}", ROOT, {**LONG, "model.attention_chunk": 1, "model.mlp_chunk": k})
+           for k in (0, 512, 2048)], args.steps)
+    table("mlp_chunk: d768 x 4 layers, 4 x 1024 tokens",
+          [Row(f"mlp_chunk={k}", ROOT, {**D768, "model.mlp_chunk": k}) for k in (0, 256)], args.steps)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ The search (--compile): for each point of --compile_points (the paper's: 1B on 3
 128; the global batch of 128 sequences of 8704 tokens split over data x fsdp by mesh_for), the step is
 compiled with 1, 2, 4, ... microbatches (the divisors of the sequences per data shard, in increasing
 order) until one fits --hbm_gib; every count tried is a record of --out. The memory-saving settings a user
-would turn on with it are options (--loss_chunk, --loss_vocab_chunk, --attention_chunk; printed first).
+would turn on with it are options (--loss_chunk, --loss_vocab_chunk, --attention_chunk, --mlp_chunk; printed
+first).
 --one_sequence adds the step of one sequence per chip (1B on 128 chips, 1 microbatch); --baseline the same
 points as the paper configs define the step (1 microbatch, no loss or attention chunks); --microbatches K
 compiles every point at K instead of searching.
@@ -51,6 +52,8 @@ SEQ_LEN = 8704  # configs/paper.py: 2^9 x 17 tokens
 # ModelConfig.attention_chunk (query blocks whose attention scores exist at once; 0: all) where this
 # famjax has it.
 HAS_ATTENTION_CHUNK = "attention_chunk" in {f.name for f in dataclasses.fields(ModelConfig)}
+# ModelConfig.mlp_chunk (tokens whose MLP activations exist at once; 0: all), likewise.
+HAS_MLP_CHUNK = "mlp_chunk" in {f.name for f in dataclasses.fields(ModelConfig)}
 # The defaults of the memory-saving settings: a loss chunk of 512 tokens divides 8704 (17 chunks) and keeps
 # the [512, 256000] logits matmul compute-bound on a TPU (512 flops per byte of the bf16 output matrix);
 # one query block's attention scores at a time.
@@ -59,6 +62,9 @@ DEFAULT_LOSS_CHUNK = 512
 # time, [D, 32000] in bfloat16, and each tile's gradient leaves the chip once summed.
 DEFAULT_LOSS_VOCAB_CHUNK = 32000
 DEFAULT_ATTENTION_CHUNK = 1 if HAS_ATTENTION_CHUNK else 0
+# and the MLP 1088 tokens at a time: 8 groups of the 8704 tokens (1088 = 8704 / 8), a [1088, d_model] x
+# [d_model, mlp_dim] matmul per group (1088 flops per byte of the bfloat16 weights read again per group).
+DEFAULT_MLP_CHUNK = 1088 if HAS_MLP_CHUNK else 0
 
 
 # -- configs --------------------------------------------------------------------------------------------
@@ -69,7 +75,7 @@ def paper_job(size: str, *, batch_size: int = GLOBAL_BATCH, mesh: tuple = (1, -1
   """configs/fam_<size>.py (the paper's recipe, LoRA rank 64) with `mesh` = (data, fsdp, tensor), and
   optionally other sizes (`n_layers`, `seq_len`, `lora_rank`), `microbatches`, `loss_chunk`,
   `loss_vocab_chunk` and any
-  ModelConfig field (attention_chunk=0 is dropped where ModelConfig lacks the field)."""
+  ModelConfig field (attention_chunk=0 and mlp_chunk=0 are dropped where ModelConfig lacks the field)."""
   from configs import paper
   c = paper.get_config(size).to_dict()
   c["batch_size"] = batch_size
@@ -82,6 +88,8 @@ def paper_job(size: str, *, batch_size: int = GLOBAL_BATCH, mesh: tuple = (1, -1
   c["mesh"] = dict(zip(MESH_AXES, mesh))
   if not HAS_ATTENTION_CHUNK and not model.get("attention_chunk", 1):
     model.pop("attention_chunk")
+  if not HAS_MLP_CHUNK and not model.get("mlp_chunk", 1):
+    model.pop("mlp_chunk")
   c["model"].update(model, **({"n_layers": n_layers} if n_layers else {}))
   return job_config(c)
 
@@ -102,7 +110,7 @@ def divisors(n: int) -> list[int]:
 
 def point_job(record: dict) -> JobConfig:
   """The job of a record (a point of the search, or an --out record)."""
-  model = {"attention_chunk": record.get("attention_chunk", 0)}
+  model = {"attention_chunk": record.get("attention_chunk", 0), "mlp_chunk": record.get("mlp_chunk", 0)}
   return paper_job(record["size"], batch_size=record.get("batch_size", GLOBAL_BATCH),
                    mesh=tuple(record["mesh"]), microbatches=record.get("microbatches", 1),
                    loss_chunk=record.get("loss_chunk", 0),
@@ -117,8 +125,8 @@ def search_point(point: dict) -> list[dict]:
   as it is done, so that a run cut short keeps what it compiled)."""
   records = []
   for k in point["candidates"]:
-    record = {key: point[key] for key in ("size", "chips", "mesh", "role", "batch_size", "loss_chunk",
-                                          "loss_vocab_chunk", "attention_chunk", "hbm_gib")}
+    record = {key: point[key] for key in ("size", "chips", "mesh", "role", "batch_size", "hbm_gib")}
+    record.update({name: point.get(name, 0) for name in SETTINGS})
     job = point_job({**record, "microbatches": k})
     b = sequences_per_shard(point["mesh"], point["batch_size"])
     record.update(microbatches=k, sequences_per_chip=b, sequences_per_microbatch=b // k,
@@ -171,7 +179,8 @@ def with_estimates(records: list[dict]) -> list[dict]:
   return [{**r, "estimate": int(estimate(point_job(r), tuple(r["mesh"]))["total"])} for r in records]
 
 
-SETTINGS = ("loss_chunk", "loss_vocab_chunk", "attention_chunk")  # the memory-saving settings of a record
+# the memory-saving settings of a record
+SETTINGS = ("loss_chunk", "loss_vocab_chunk", "attention_chunk", "mlp_chunk")
 
 
 def _settings(record: dict) -> tuple:
@@ -225,8 +234,8 @@ def search_table(records: list[dict]) -> str:
   """Markdown: every compiled record, by model, chips, baseline first, microbatches."""
   records = sorted(records, key=_order)
   lines = ["| model | chips | mesh (data, fsdp, tensor) | sequences / chip | microbatches | sequences / "
-           "microbatch | loss_chunk | loss_vocab_chunk | attention_chunk | compiled GiB | estimate GiB | fits "
-           "| compile s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "microbatch | loss_chunk | loss_vocab_chunk | attention_chunk | mlp_chunk | compiled GiB | estimate "
+           "GiB | fits | compile s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
   for r in records:
     cells = [r["size"].upper(), str(r["chips"]), str(tuple(r["mesh"])), str(r["sequences_per_chip"]),
              str(r["microbatches"]), str(r["sequences_per_microbatch"]),
@@ -248,14 +257,14 @@ def summary(records: list[dict], one_sequence_target_gib: float = 4.0) -> str:
     if role == "baseline":
       r = rs[0]
       lines.append(f"* as the paper configs define the step ({where}, 1 microbatch, loss_chunk 0, "
-                   f"loss_vocab_chunk 0, attention_chunk 0): {r['total'] / GIB:.2f} GiB compiled")
+                   f"loss_vocab_chunk 0, attention_chunk 0, mlp_chunk 0): {r['total'] / GIB:.2f} GiB compiled")
       continue
     if role == "one_sequence":
       r = rs[0]
       met = "met" if r["total"] <= one_sequence_target_gib * GIB else "not met"
       lines.append(f"* one {size.upper()} sequence per chip ({where}, {r['microbatches']} microbatch, "
                    f"loss_chunk {r['loss_chunk']}, loss_vocab_chunk {r.get('loss_vocab_chunk', 0)}, "
-                   f"attention_chunk {r['attention_chunk']}): "
+                   f"attention_chunk {r['attention_chunk']}, mlp_chunk {r.get('mlp_chunk', 0)}): "
                    f"{r['total'] / GIB:.2f} GiB compiled (target <= {one_sequence_target_gib:g} GiB: {met})")
       continue
     fit = [r for r in rs if r["fits"]]
@@ -298,6 +307,8 @@ def main(argv=None) -> None:
                       help="config.loss_vocab_chunk: vocabulary entries of logits at a time (0: all)")
   parser.add_argument("--attention_chunk", type=int, default=DEFAULT_ATTENTION_CHUNK,
                       help="config.model.attention_chunk: query blocks whose scores exist at once (0: all)")
+  parser.add_argument("--mlp_chunk", type=int, default=DEFAULT_MLP_CHUNK,
+                      help="config.model.mlp_chunk: tokens whose MLP activations exist at once (0: all)")
   parser.add_argument("--microbatches", type=int, default=0,
                       help="compile every point at this count instead of searching (0: search)")
   parser.add_argument("--compile", action="store_true",
@@ -330,6 +341,10 @@ def main(argv=None) -> None:
   if args.attention_chunk and not HAS_ATTENTION_CHUNK:
     _fail(f"--attention_chunk={args.attention_chunk}: this famjax's ModelConfig has no attention_chunk; "
           "give 0")
+  if args.mlp_chunk < 0:
+    _fail(f"--mlp_chunk={args.mlp_chunk} must be >= 0")
+  if args.mlp_chunk and not HAS_MLP_CHUNK:
+    _fail(f"--mlp_chunk={args.mlp_chunk}: this famjax's ModelConfig has no mlp_chunk; give 0")
   if args.microbatches < 0:
     _fail(f"--microbatches={args.microbatches} must be >= 1 (or 0: search)")
   searched = _pairs(args.compile_points, "--compile_points")
@@ -340,10 +355,11 @@ def main(argv=None) -> None:
       _fail(f"--microbatches={args.microbatches} does not divide the batch of {size} on {chips} chips "
             f"({GLOBAL_BATCH} sequences over data x fsdp = {GLOBAL_BATCH // b}: {b} per shard)")
   settings = dict(loss_chunk=args.loss_chunk, loss_vocab_chunk=args.loss_vocab_chunk,
-                  attention_chunk=args.attention_chunk)
+                  attention_chunk=args.attention_chunk, mlp_chunk=args.mlp_chunk)
   print(f"settings: loss_chunk={args.loss_chunk}, loss_vocab_chunk={args.loss_vocab_chunk}, "
         f"attention_chunk={args.attention_chunk}"
         f"{'' if HAS_ATTENTION_CHUNK else ' (ModelConfig has no attention_chunk)'}, "
+        f"mlp_chunk={args.mlp_chunk}{'' if HAS_MLP_CHUNK else ' (ModelConfig has no mlp_chunk)'}, "
         f"microbatches={args.microbatches or 'searched'}, hbm_gib={args.hbm_gib:g}; the paper's recipe: "
         f"global batch {GLOBAL_BATCH} x {SEQ_LEN} tokens, remat full, LoRA rank 64, bfloat16 compute\n")
 

@@ -58,6 +58,7 @@ def get_config() -> config_dict.ConfigDict:
   #                             (offload_dots_no_batch, offload_qkv_proj: to host memory; GPU/TPU only)
   m.attention_chunk = 0       # query blocks whose attention scores exist at once (0: all; k: k at a
   #                             time, recomputed in the backward pass: same math, less memory)
+  m.mlp_chunk = 0             # tokens whose MLP activations exist at once (0: all; k: k at a time)
   m.attention_impl = "xla"    # attention kernel: "xla" (the reference) | "cudnn" (GPU, bfloat16 only)
   m.init_std = config_dict.placeholder(float)  # None: d_model ** -0.5 (fan-in; 0.0255 at 1536)
   m.fam_gate = False          # famjax extension, not the paper's: a learned write gate on FAM updates

@@ -1,5 +1,6 @@
-"""How the block attention runs (issue 13): `attention_chunk` (a bounded number of blocks' scores at a time)
-and `attention_impl` (the kernel) change memory and speed, never the logits or the gradients."""
+"""How a layer runs (issue 13): `attention_chunk` (a bounded number of blocks' key/value windows and scores
+at a time), `mlp_chunk` (a bounded number of tokens' MLP activations at a time) and `attention_impl` (the
+kernel) change memory and speed, never the logits or the gradients."""
 
 import functools
 
@@ -86,6 +87,97 @@ def test_attention_chunk_bounds_the_scores_memory():
 
   whole, chunked = temp_bytes(0), temp_bytes(2)
   assert chunked < 0.45 * whole, (chunked, whole)
+
+
+# The ablation switches whose masks and keys are built inside each group (docs/ablations.md).
+SWITCHES = [dict(attention="swa", window=6, mem_segments=0, fam_len=0),
+            dict(attention="bswa", mem_segments=2, fam_len=0, mem_stop_gradient=True),
+            dict(attention="fam", mem_segments=1, fam_len=2, fam_history=3, fam_position="between")]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda d: d["attention"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_attention_chunk_keeps_the_ablation_switches(switches, packed):
+  cfg = ModelConfig(**TINY, **switches)
+  params = init_params(cfg, jax.random.key(0))
+  toks = tokens(2, 29)
+  seg = jnp.asarray(np.array([[1] * 12 + [2] * 17, [1] * 8 + [2] * 13 + [0] * 8])) if packed else None
+  mask = jnp.ones((2, 29), bool) if seg is None else seg > 0
+  ref = logits_and_grads(params, cfg, toks, mask, seg)
+  assert_same(logits_and_grads(params, cfg.replace(attention_chunk=3), toks, mask, seg), ref)
+
+
+@pytest.mark.parametrize("attention,remat,chunk", [("fam", "full", 8), ("bswa", "none", 5), ("full", "none", 7),
+                                                   ("fam", "save_qkv_proj", 29)])
+def test_mlp_chunk_keeps_logits_and_gradients(attention, remat, chunk):
+  """29 tokens in groups of `chunk` (the last padded; 29: one group, the unchunked path), with packed
+  examples and padding, also with attention_chunk."""
+  cfg = ModelConfig(**{**TINY, "remat": remat}, attention=attention, mem_segments=1,
+                    fam_len=2 if attention == "fam" else 0)
+  params = init_params(cfg, jax.random.key(0))
+  toks = tokens(2, 29)
+  seg = jnp.asarray(np.array([[1] * 12 + [2] * 17, [1] * 8 + [2] * 13 + [0] * 8]))
+  ref = logits_and_grads(params, cfg, toks, seg > 0, seg)
+  assert_same(logits_and_grads(params, cfg.replace(mlp_chunk=chunk), toks, seg > 0, seg), ref)
+  assert_same(logits_and_grads(params, cfg.replace(mlp_chunk=chunk, attention_chunk=2), toks, seg > 0, seg), ref)
+
+
+def test_mlp_chunk_sums_the_weight_gradient_in_float32():
+  """In bfloat16 the chunked MLP's weight gradient (a float32 sum over the groups, rounded once) is as
+  close to the float32 model's as the unchunked one's (one bfloat16 matmul over all tokens)."""
+  cfg = ModelConfig(**{**TINY, "dtype": "bfloat16", "mlp_dim": 64}, attention="fam", mem_segments=1,
+                    fam_len=2)
+  params = init_params(cfg, jax.random.key(0))
+  toks = tokens(2, 64)
+  exact = logits_and_grads(params, cfg.replace(dtype="float32"), toks, None, None)[1]["layers"]["up"]
+  errors = {}
+  for chunk in (0, 4):
+    up = logits_and_grads(params, cfg.replace(mlp_chunk=chunk), toks, None, None)[1]["layers"]["up"]
+    errors[chunk] = float(jnp.abs(up - exact).max() / jnp.abs(exact).max())
+  assert errors[4] < 1.5 * errors[0] + 1e-3, errors
+
+
+def test_mlp_chunk_streams():
+  cfg = ModelConfig(**TINY, attention="fam", mem_segments=1, fam_len=2)
+  model = Transformer(cfg, params=init_params(cfg, jax.random.key(0)))
+  chunked = Transformer(cfg.replace(mlp_chunk=3), params=model.params_dict())
+  toks = tokens(1, 30)
+  state, outs = chunked.init_state(1), []
+  for a, b in ((0, 13), (13, 14), (14, 30)):
+    out, state = chunked.stream(toks[:, a:b], state)
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, axis=1), model(toks), rtol=2e-5, atol=2e-5)
+
+
+def _step_temp_bytes(cfg, length):
+  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  toks = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+  def loss(p, t):
+    return jnp.mean(transformer.forward(p, cfg, t, transformer.empty_state(p, cfg, 1), max_pending=0)[0])
+  return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_mlp_chunk_bounds_the_mlp_memory():
+  """A wide MLP (16 x d_model) over 2048 tokens dominates the step; 256 tokens at a time, the compiled
+  forward + backward needs well under half the temporary memory."""
+  cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, mlp_dim=1024,
+                    attention="bswa", block_size=128, mem_segments=1, fam_len=0, dtype="float32",
+                    remat="full", attention_chunk=1)
+  whole, chunked = _step_temp_bytes(cfg, 2048), _step_temp_bytes(cfg.replace(mlp_chunk=256), 2048)
+  assert chunked < 0.45 * whole, (chunked, whole)
+
+
+def test_attention_chunk_builds_the_key_value_windows_a_group_at_a_time():
+  """8 memory blocks of 64 tokens and as many key/value heads as query heads: the key/value windows of
+  every block (9 blocks of keys each) dominate the step. A group at a time, the compiled forward +
+  backward needs well under half the temporary memory of all blocks at once (when the windows of every
+  block were built before the groups' loop: 0.85 of it)."""
+  cfg = ModelConfig(vocab_size=64, d_model=256, n_layers=1, n_heads=8, n_kv_heads=8, mlp_dim=64,
+                    attention="bswa", block_size=64, mem_segments=8, fam_len=0, dtype="float32",
+                    remat="full", attention_chunk=1)
+  whole, chunked = _step_temp_bytes(cfg.replace(attention_chunk=0), 2048), _step_temp_bytes(cfg, 2048)
+  assert chunked < 0.5 * whole, (chunked, whole)
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 2e-6), ("bfloat16", 2e-2)])

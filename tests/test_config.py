@@ -22,6 +22,7 @@ from famjax import ModelConfig
     (dict(remat="sometimes"), "remat"),
     (dict(attention_chunk=-1), "attention_chunk"),
     (dict(attention_chunk=1.5), "attention_chunk"),
+    (dict(mlp_chunk=-4), "mlp_chunk"),
     (dict(attention_impl="flash"), "attention_impl"),
     (dict(attention_impl="cudnn", dtype="float32"), "attention_impl"),  # cuDNN: bfloat16/float16 only
     (dict(rope_theta=0.5), "rope_theta"),

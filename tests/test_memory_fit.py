@@ -1,10 +1,10 @@
 """famjax.training.memory (behind benchmarks/memory_fit.py): the per-device memory estimate of a training
 step against XLA's memory_analysis() of the step compiled ahead of time on 4 simulated CPU devices, for
 small configs with the paper's structure (LoRA, FAM, block attention, remat full, bf16 compute), with and
-without microbatches, the chunked loss and (where ModelConfig has it) attention_chunk; FSDP keeps the
-batch split (the model's activation constraint), so its activations are those of data parallelism; k
-microbatches keep one microbatch's. And benchmarks/memory_fit.py's microbatch search (with a stand-in
-for the compile) and its one-line errors.
+without microbatches, the chunked loss and (where ModelConfig has them) attention_chunk and mlp_chunk;
+FSDP keeps the batch split (the model's activation constraint), so its activations are those of data
+parallelism; k microbatches keep one microbatch's. And benchmarks/memory_fit.py's microbatch search
+(with a stand-in for the compile) and its one-line errors.
 
 The compiles run in a subprocess (this file as a script with XLA_FLAGS set), because the device count is
 fixed when a process first touches jax."""
@@ -31,12 +31,14 @@ GIB = 2 ** 30
 # estimate / compiled - 1 allowed for these small configs; what they measure (jax 0.10.2, XLA:CPU): the
 # loss-bound points -2% to +4%, the layer-bound ones +14% to +15% with every block's attention scores at
 # once (their copy count was read at the paper's sizes, where XLA:CPU keeps more copies than at these:
-# the estimate errs high, on the safe side) and -1% with attention_chunk. At the paper's sizes it is within
-# -5% .. +8% of the compiles in docs/launch.md.
+# the estimate errs high, on the safe side) and -1% .. +2% with attention_chunk, -4% with attention_chunk
+# and mlp_chunk. At the paper's sizes it is within -11% .. +12% of the compiles in docs/launch.md.
 TOLERANCE = {"loss": (-0.05, 0.05), "layer": (-0.05, 0.20)}
 # ModelConfig.attention_chunk (query blocks whose scores exist at once), where this famjax has it
 HAS_ATTENTION_CHUNK = "attention_chunk" in {f.name for f in dataclasses.fields(ModelConfig)}
 CHUNKED_ATTENTION = {"attention_chunk": 1} if HAS_ATTENTION_CHUNK else {}
+# and ModelConfig.mlp_chunk (tokens whose MLP activations exist at once)
+CHUNKED_MLP = {"mlp_chunk": 512} if "mlp_chunk" in {f.name for f in dataclasses.fields(ModelConfig)} else {}
 
 
 # Small configs, the paper's structure: block 256, 3 memory blocks, FAM 16, LoRA rank 8, 2048 tokens.
@@ -57,6 +59,9 @@ POINTS = {  # name: (model changes, global batch, mesh, train changes)
     "layer-bound, GQA, fsdp 2 x tensor 2, 2 microbatches, chunked loss": (
         dict(vocab_size=1024, n_heads=8, n_kv_heads=4, mlp_dim=2048, **CHUNKED_ATTENTION), 8, (1, 2, 2),
         dict(microbatches=2, loss_chunk=256)),
+    "layer-bound, MQA, fsdp 2 x tensor 2, chunked loss, attention and MLP": (
+        dict(vocab_size=1024, n_heads=8, n_kv_heads=1, mlp_dim=2048, **CHUNKED_ATTENTION, **CHUNKED_MLP), 4,
+        (1, 2, 2), dict(loss_chunk=256)),
 }
 
 
@@ -156,8 +161,8 @@ def test_memory_fit_searches_the_fewest_microbatches(monkeypatch, capsys):
 
   monkeypatch.setattr(mf, "compiled_bytes", fake_compile)
   point = {"role": "paper", "size": "1b", "chips": 32, "mesh": [1, 32, 1], "batch_size": 128,
-           "loss_chunk": 512, "loss_vocab_chunk": 0, "attention_chunk": 0, "hbm_gib": 26, "candidates": mf.divisors(4),
-           "stop_at_fit": True}
+           "loss_chunk": 512, "loss_vocab_chunk": 0, "attention_chunk": 0, "mlp_chunk": 0, "hbm_gib": 26,
+           "candidates": mf.divisors(4), "stop_at_fit": True}
   records = mf.search_point(point)
   assert compiled == [1, 2] and [r["fits"] for r in records] == [False, True]
   assert [r["total"] / GIB for r in records] == [42, 26] and records[1]["sequences_per_microbatch"] == 2
@@ -174,6 +179,7 @@ def test_memory_fit_searches_the_fewest_microbatches(monkeypatch, capsys):
     (["--microbatches", "3"], "--microbatches=3 does not divide the batch of 1b on 32 chips"),
     (["--microbatches", "2"], "--microbatches=2 does not divide the batch of 24b on 128 chips"),
     (["--loss_chunk", "1000"], "--loss_chunk=1000 must be 0 or divide the sequence length 8704"),
+    (["--mlp_chunk", "-1"], "--mlp_chunk=-1 must be >= 0"),
 ])
 def test_memory_fit_refuses_bad_input_in_one_line(argv, message):
   with pytest.raises(SystemExit) as e:

@@ -231,6 +231,61 @@ def test_remat_policies_keep_gradients(remat):
   assert float(jnp.abs(g["fam_prompt"][...]).max()) > 0  # the prompt learns through the prompt pass
 
 
+def _forward_grads(params, cfg, toks, **kw):
+  from famjax.model import transformer
+
+  def loss(p):
+    state = transformer.empty_state(p, cfg, toks.shape[0])
+    out, new_state = transformer.forward(p, cfg, toks, state, max_pending=0, **kw)
+    return jnp.mean(jax.nn.log_softmax(out)[..., 0]) + jnp.mean(new_state.fam.astype(jnp.float32) ** 2)
+  return jax.jit(jax.grad(loss))(params)
+
+
+def test_remat_full_keeps_gradients_with_packing_padding_and_offsets():
+  """remat="full" is a custom VJP (famjax.model.transformer.remat_full) that takes the packed examples'
+  ids, the padding mask and the RPO offsets as explicit arguments; its gradients are no remat's, the
+  FAM state's gradient included."""
+  cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2)
+  params = Transformer(cfg, rngs=nnx.Rngs(0)).params_dict()
+  toks = jnp.asarray(tokens(2, 13))
+  seg = jnp.asarray(np.array([[1] * 8 + [2] * 5, [1] * 9 + [0] * 4]))
+  kw = dict(token_mask=seg > 0, segment_ids=seg, position_offset=jnp.asarray([3.0, 70.0]))
+  ref = _forward_grads(params, cfg, toks, **kw)
+  got = _forward_grads(params, cfg.replace(remat="full"), toks, **kw)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_full_keeps_the_layer_inputs_without_a_float32_copy(monkeypatch):
+  """In bfloat16, what remat keeps of 8 layers of 2048 tokens x 256 is the stack of the layers' inputs,
+  [8, 1, 2048, 256]. Under jax.checkpoint XLA:CPU converts that stack to float32 before the backward loop
+  (an f32[8,1,2048,256] array in the compiled program); kept as bits (remat_full) there is none, the
+  temporaries are smaller, and the gradients are the same."""
+  from famjax.model import transformer
+  cfg = ModelConfig(vocab_size=64, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, mlp_dim=256,
+                    attention="bswa", block_size=256, mem_segments=1, fam_len=0, dtype="bfloat16",
+                    remat="full")
+  params = Transformer(cfg, rngs=nnx.Rngs(0)).params_dict()
+  toks = jnp.asarray(tokens(1, 2048, vocab=64))
+
+  def compiled():
+    def loss(p, t):
+      out, _ = transformer.forward(p, cfg, t, transformer.empty_state(p, cfg, 1), max_pending=0)
+      return jnp.mean(out)
+    step = jax.jit(jax.grad(loss))
+    program = step.lower(params, toks).compile()
+    return program.as_text(), program.memory_analysis().temp_size_in_bytes, step(params, toks)
+
+  bits_text, bits, grads = compiled()
+  monkeypatch.setattr(transformer, "remat_full", lambda layer, dtype: jax.checkpoint(layer, prevent_cse=False))
+  checkpoint_text, checkpointed, ref = compiled()
+  assert "f32[8,1,2048,256]" in checkpoint_text  # the copy this test looks for, where it exists
+  assert "f32[8,1,2048,256]" not in bits_text and "u16[8,1,2048,256]" in bits_text
+  assert bits < checkpointed, (bits, checkpointed)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-5)
+
+
 def test_bad_params_are_named():
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
   params = Transformer(cfg).params_dict()

@@ -53,7 +53,8 @@ class _null:
     ("steps", 0), ("batch_size", -1), ("checkpoint_every", -1), ("z_loss", -0.1), ("steps", 2.5),
     ("log_every", "10"), ("tensorboard", 1),
     ("model.fam_len", 100), ("model.block_size", -4), ("model.n_kv_heads", 3), ("model.attention", "x"),
-    ("model.d_model", "big"), ("model.attention_chunk", -1), ("model.attention_impl", "flash"),
+    ("model.d_model", "big"), ("model.attention_chunk", -1), ("model.mlp_chunk", -1),
+    ("model.attention_impl", "flash"),
     ("optimizer.name", "sgd"), ("optimizer.learning_rate", 0.0), ("optimizer.b1", 1.0),
     ("optimizer.schedule", "linear"), ("lora.rank", -1), ("lora.targets", "q,proj"),
     ("fam.rsp_prob", 1.5), ("fam.rsp_start_step", -1), ("fam.rpo", "yes"), ("mesh.data", 0), ("mesh", -1),
@@ -117,6 +118,7 @@ def test_incompatible_fields_ignore_resumable_ones():
   b = build(demo.get_config()).to_dict()
   b["steps"], b["log_every"], b["mesh"]["data"] = 10_000, 1, 8
   b["model"]["attention_chunk"], b["model"]["attention_impl"] = 2, "cudnn"  # how, not what, it computes
+  b["model"]["mlp_chunk"] = 512
   assert incompatible_fields(a, b) == []
   b["model"]["d_model"] = 512
   b["optimizer"]["learning_rate"] = 1.0

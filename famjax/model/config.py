@@ -33,7 +33,9 @@ FAM_INITS = ("prompt", "prefix")
 
 # Remat (activation checkpointing) of the scan over layers: policy name -> what `jax.checkpoint` saves
 # (its `policy`; None saves nothing, so the whole layer is recomputed). "none" turns remat off. "qkv" is
-# the name famjax.model.fam gives the q/k/v projections with `checkpoint_name`.
+# the name famjax.model.fam gives the q/k/v projections with `checkpoint_name`. "full" is not run through
+# jax.checkpoint but through famjax.model.transformer.remat_full, the same recomputation with the layer's
+# input kept as its raw bits.
 REMAT = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -95,7 +97,14 @@ class ModelConfig:
       with `jax.checkpoint` around each group, so the backward pass recomputes one group's scores
       instead of storing every block's ([blocks, block_size, (m+1) * block_size + F] float32 per head
       and example). Same logits and gradients; it changes memory, not the math. A chunk of at most k
-      blocks (streaming, decode) runs as one group.
+      blocks (streaming, decode) runs as one group. Each group's key/value windows (its blocks, their
+      memory blocks and FAM keys, rotated) are built inside the group: nothing of size blocks x window
+      exists at once.
+    mlp_chunk: tokens whose MLP hidden activations ([tokens, mlp_dim]) exist at once in a layer (the
+      token MLP after the attention; the FAM's own F rows are never chunked). 0 (the default): all
+      tokens of the chunk at once. k > 0: k tokens at a time, forward and backward, with a hand-written
+      gradient that recomputes each group's activations and sums the weights' gradient over the groups
+      in float32 (famjax.model.fam.chunked_mlp). Same outputs; it changes memory, not the math.
     attention_impl: the kernel of the bswa/fam block attention and of full attention's query chunks, one
       of ATTENTION_IMPLS: "xla" (famjax.model.layers.attend, the reference) or "cudnn"
       (jax.nn.dot_product_attention's fused cuDNN kernel: GPU only, and dtype bfloat16 or float16). The
@@ -160,6 +169,7 @@ class ModelConfig:
   param_dtype: Any = "float32"
   remat: str = "full"
   attention_chunk: int = 0
+  mlp_chunk: int = 0
   attention_impl: str = "xla"
   init_std: float | None = None
   fam_gate: bool = False
@@ -175,7 +185,7 @@ class ModelConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-    for name in ("mem_segments", "fam_len", "attention_chunk", "window"):
+    for name in ("mem_segments", "fam_len", "attention_chunk", "mlp_chunk", "window"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")

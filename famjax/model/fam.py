@@ -9,8 +9,10 @@ The execution order (spec §9):
   1. project all new tokens at once (q, k, v);
   2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block;
   3. the block attention of every block at once, given the FAM each block saw (or
-     `ModelConfig.attention_chunk` blocks at a time, recomputed in the backward pass);
-  4. the output projection and MLP of all tokens (in `decoder_layer`).
+     `ModelConfig.attention_chunk` blocks at a time, their key/value windows and scores built inside
+     the group and recomputed in the backward pass);
+  4. the output projection and MLP of all tokens (in `decoder_layer`; or `ModelConfig.mlp_chunk`
+     tokens at a time).
 No L x L score matrix exists: per row and head the scores are [blocks, S, (m+1)*S + F], memory
 O(L * (m+1) * S), or O(k * S * ((m+1)*S + F)) with attention_chunk k.
 
@@ -108,25 +110,90 @@ def _attention(cfg: ModelConfig) -> Callable:
   return functools.partial(dot_product_attention, implementation=cfg.attention_impl)
 
 
-def _attend_blocks(cfg: ModelConfig, q, k, v, mask):
-  """The attention of C blocks of queries: q [B, C, Q, N, H], k/v [B, C, R, K, H], mask [B, C, Q, R].
+def _in_groups(cfg: ModelConfig, attend_group: Callable, rows: dict, ext: dict, m: int) -> jax.Array:
+  """`attend_group(rows, ext)` of a chunk's C query blocks: rows holds arrays [B, C, ...] (one entry per
+  query block), ext arrays [B, m + C, ...] (the m memory blocks before the first query block, then the C
+  blocks), so that query block c's memory is ext[:, c .. c+m-1].
 
   All blocks at once, or (attention_chunk = G > 0, more than G blocks) G blocks at a time in a lax.map
-  whose body is under jax.checkpoint: the scores of one group exist at a time, in the forward pass and
-  in the backward pass, which recomputes them. The last group is padded with fully masked blocks.
+  whose body is under jax.checkpoint: a group's key/value windows and scores exist only inside it, in
+  the forward pass and in the backward pass, which recomputes them. The last group is padded with blocks
+  whose keys are all masked (a False "valid"), whose outputs are dropped.
   """
-  attention, G, C = _attention(cfg), cfg.attention_chunk, q.shape[1]
+  G, C = cfg.attention_chunk, rows["q"].shape[1]
   if not G or C <= G:
-    return attention(q, k, v, mask)
+    return attend_group(rows, ext)
   groups = -(-C // G)
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, groups * G - C)] + [(0, 0)] * (x.ndim - 2))  # zeros, False
+  split = lambda x: jnp.moveaxis(pad(x).reshape(x.shape[0], groups, G, *x.shape[2:]), 1, 0)
+  ext = jax.tree.map(pad, ext)
 
-  def split(x):  # [B, C, ...] -> [groups, B, G, ...]
-    x = jnp.pad(x, [(0, 0), (0, groups * G - C)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(x.shape[0], groups, G, *x.shape[2:]), 1, 0)
+  def group(args):  # group g: query blocks gG .. gG+G-1 and their memory blocks
+    g, rows_g = args
+    ext_g = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, g * G, m + G, axis=1), ext)
+    return attend_group(rows_g, ext_g)
 
-  body = jax.checkpoint(lambda group: attention(*group), prevent_cse=False)
-  out = jax.lax.map(body, tuple(map(split, (q, k, v, mask))))
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], groups * G, *q.shape[2:])[:, :C]
+  out = jax.lax.map(jax.checkpoint(group, prevent_cse=False),
+                    (jnp.arange(groups), jax.tree.map(split, rows)))
+  return jnp.moveaxis(out, 0, 1).reshape(out.shape[1], groups * G, *out.shape[3:])[:, :C]
+
+
+def _token_groups(x: jax.Array, size: int) -> jax.Array:
+  """[B, n, D] -> [groups, B, size, D], the last group padded with zeros."""
+  Bsz, n, D = x.shape
+  groups = -(-n // size)
+  x = jnp.pad(x, ((0, 0), (0, groups * size - n), (0, 0)))
+  return jnp.moveaxis(x.reshape(Bsz, groups, size, D), 1, 0)
+
+
+def _ungroup_tokens(x: jax.Array, n: int) -> jax.Array:
+  """[groups, B, size, D] -> [B, n, D] (the inverse of _token_groups)."""
+  return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, x.shape[-1])[:, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def chunked_mlp(eps: float, size: int, weights: dict, a: jax.Array) -> jax.Array:
+  """_mlp_block(weights, a) for a [B, n, D], `size` tokens at a time (ModelConfig.mlp_chunk).
+
+  Forward: a lax.map over groups of tokens, so one group's [B, size, mlp_dim] activations exist at a
+  time. Backward (hand-written): a scan over the groups that recomputes each group's MLP, takes its
+  vjp, and sums the weights' gradients in float32 (cast to the weights' dtype once, at the end, as the
+  unchunked matmul's gradient is). Residuals: the input and the weights only.
+  """
+  return _chunked_mlp_fwd(eps, size, weights, a)[0]
+
+
+def _chunked_mlp_fwd(eps, size, weights, a):
+  out = jax.lax.map(lambda x: _mlp_block(weights, x, eps), _token_groups(a, size))
+  return _ungroup_tokens(out, a.shape[1]), (weights, a)
+
+
+def _chunked_mlp_bwd(eps, size, residuals, d_out):
+  weights, a = residuals
+
+  def group(acc, xs):
+    x, dy = xs
+    _, vjp = jax.vjp(lambda w, x: _mlp_block(w, x, eps), weights, x)
+    dw, dx = vjp(dy)
+    return jax.tree.map(lambda total, g: total + g.astype(jnp.float32), acc, dw), dx
+
+  zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
+  dw, dx = jax.lax.scan(group, zeros, (_token_groups(a, size), _token_groups(d_out, size)))
+  return jax.tree.map(lambda g, w: g.astype(w.dtype), dw, weights), _ungroup_tokens(dx, a.shape[1])
+
+
+chunked_mlp.defvjp(_chunked_mlp_fwd, _chunked_mlp_bwd)
+
+
+MLP_WEIGHTS = ("mlp_norm", "gate", "up", "down")
+
+
+def token_mlp(p: dict, cfg: ModelConfig, a: jax.Array) -> jax.Array:
+  """O = A + MLP(RMSNorm(A)) for a chunk's tokens a [B, n, D]: all at once, or ModelConfig.mlp_chunk
+  tokens at a time (chunked_mlp)."""
+  if not cfg.mlp_chunk or a.shape[1] <= cfg.mlp_chunk:
+    return _mlp_block(p, a, cfg.rms_eps)
+  return chunked_mlp(cfg.rms_eps, cfg.mlp_chunk, {name: p[name] for name in MLP_WEIGHTS}, a)
 
 
 def _project_qkv(p: dict, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -305,33 +372,16 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
   Q = q_slot.shape[1]
   q_rot = rope(q_rows, _positions(q_slot, info.position_offset), cfg.rope_theta)
 
-  if info.segment_ids is not None:  # a key from another packed example counts as padding
-    seg = lay_out(info.segment_ids, None, -1)
-    ext_seg = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
-    q_seg = info.segment_ids[:, None] if C == 1 else seg
-    same_example = lambda j: q_seg[:, :, :, None] == ext_seg[:, m - j:m - j + C, None, :]
-  else:
-    same_example = lambda j: True
-
-  def sliding(mask, j):
-    """[famjax ablation] swa: a key j*S + q_slot - key_slot tokens back is seen only if < window."""
-    if cfg.attention != "swa":
-      return mask
-    return mask & ((j * S + q_slot[:, :, None] - jnp.arange(S)[None, None, :]) < cfg.window)  # [C, Q, S]
-
-  def memory(x):
-    """[famjax ablation] mem_stop_gradient: memory keys/values as Transformer-XL's cached memory."""
-    return jax.lax.stop_gradient(x) if cfg.mem_stop_gradient else x
-
   k_self = rope(kb, block_positions(0), cfg.rope_theta)
-  keys, values = [k_self], [vb]
-  causal = jnp.arange(S)[None, None, :] <= q_slot[:, :, None]  # [C, Q, S]
-  masks = [sliding(causal & valid[:, :, None, :] & same_example(0), 0)]
-  for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2; swa: sliding)
-    keys.append(memory(rope(ext_k[:, m - j:m - j + C], block_positions(j * S), cfg.rope_theta)))
-    values.append(memory(ext_v[:, m - j:m - j + C]))
-    seen = ext_valid[:, m - j:m - j + C, None, :] & same_example(j) & jnp.ones((Q, 1), bool)
-    masks.append(sliding(seen, j))
+  # What the attention of each query block reads: rows [B, C, ...], one entry per query block; ext
+  # [B, m + C, ...], the blocks memory keys come from (see _in_groups).
+  rows = {"q": q_rot, "k": k_self, "v": vb, "valid": valid}
+  ext = {"k": ext_k, "v": ext_v, "valid": ext_valid}
+  if info.segment_ids is not None:  # packed examples' ids, for the masks
+    seg = lay_out(info.segment_ids, None, -1)
+    q_seg = info.segment_ids[:, None] if C == 1 else seg
+    rows["seg"] = q_seg
+    ext["seg"] = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
 
   new_fam, new_hist, new_hist_valid = ctx.fam, ctx.fam_hist, ctx.fam_hist_valid
   if cfg.has_fam:
@@ -363,13 +413,46 @@ def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext,
       same = (q_seg == fam_seg[:, :, None])[..., None]
       fam_mask = jnp.broadcast_to(same, (Bsz, C, Q, cfg.fam_len)) if fam_mask is None else \
           same & jnp.moveaxis(fam_mask, 0, 1)[:, :, None]
-    keys.append(jnp.moveaxis(kF, 0, 1))  # [B, C, k*F, K, H]: the FAM block c saw (F_{c-1}, older first)
-    values.append(jnp.moveaxis(vF, 0, 1))
-    masks.append(fam_mask)
+    # [B, C, k*F, K, H]: the FAM block c saw (F_{c-1}, older ones first)
+    rows.update(fam_k=jnp.moveaxis(kF, 0, 1), fam_v=jnp.moveaxis(vF, 0, 1), fam_mask=fam_mask)
 
-  masks = [jnp.broadcast_to(mask, (Bsz, C, Q, mask.shape[-1])) for mask in masks]
-  out = _attend_blocks(cfg, q_rot, jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
-                       jnp.concatenate(masks, axis=-1))
+  def attend_group(rows, ext):
+    """The attention of G query blocks (rows [B, G, ...]) given their memory blocks (ext [B, m+G, ...])."""
+    G = rows["q"].shape[1]
+    slots = q_slot[:G]
+    if info.segment_ids is not None:  # a key from another packed example counts as padding
+      same_example = lambda j, seen: seen & (rows["seg"][:, :, :, None]
+                                             == ext["seg"][:, m - j:m - j + G, None, :])
+    else:
+      same_example = lambda j, seen: seen
+
+    def sliding(mask, j):
+      """[famjax ablation] swa: a key j*S + q_slot - key_slot tokens back is seen only if < window."""
+      if cfg.attention != "swa":
+        return mask
+      return mask & ((j * S + slots[:, :, None] - jnp.arange(S)[None, None, :]) < cfg.window)  # [G, Q, S]
+
+    def memory(x):
+      """[famjax ablation] mem_stop_gradient: memory keys/values as Transformer-XL's cached memory."""
+      return jax.lax.stop_gradient(x) if cfg.mem_stop_gradient else x
+
+    keys, values = [rows["k"]], [rows["v"]]
+    causal = jnp.arange(S)[None, None, :] <= slots[:, :, None]  # [G, Q, S]
+    masks = [sliding(same_example(0, causal & rows["valid"][:, :, None, :]), 0)]
+    for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2; swa: sliding)
+      keys.append(memory(rope(ext["k"][:, m - j:m - j + G], block_positions(j * S), cfg.rope_theta)))
+      values.append(memory(ext["v"][:, m - j:m - j + G]))
+      seen = same_example(j, ext["valid"][:, m - j:m - j + G, None, :]) & jnp.ones((Q, 1), bool)
+      masks.append(sliding(seen, j))
+    if cfg.has_fam:
+      keys.append(rows["fam_k"])
+      values.append(rows["fam_v"])
+      masks.append(rows["fam_mask"])
+    masks = [jnp.broadcast_to(mask, (Bsz, G, Q, mask.shape[-1])) for mask in masks]
+    return _attention(cfg)(rows["q"], jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
+                           jnp.concatenate(masks, axis=-1))
+
+  out = _in_groups(cfg, attend_group, rows, ext, m)
   if C == 1:
     out = out[:, 0]
   else:
@@ -434,7 +517,7 @@ def decoder_layer(p: dict, cfg: ModelConfig, x: jax.Array, ctx: LayerContext, in
   else:
     out, ctx = full_attention_layer(p, cfg, q, k, v, ctx, info)
   a = x + jnp.einsum("BTNH,NHD->BTD", out, p["o"])
-  return _mlp_block(p, a, cfg.rms_eps), ctx
+  return token_mlp(p, cfg, a), ctx
 
 
 def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
@@ -442,6 +525,9 @@ def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
 
   Z_1 = prompt (used as the layer-1 input as is), Z_{l+1} = layer_l(Z_l) with bidirectional attention
   among the F prompt rows, at `fam_positions(cfg)`. Returns Z_l for every layer: [L, F, D].
+  With remat (ModelConfig.remat other than "none") each layer is recomputed in the backward pass from its
+  input, as the layers of the tokens are: only the [L, F, D] inputs are kept, not every layer's
+  [F, mlp_dim] activations (2-3 GiB at the 24B config).
   """
   F = prompt.shape[0]
   pos = fam_positions(cfg).astype(jnp.float32)  # -F..-1 by default; only differences matter here
@@ -454,5 +540,7 @@ def prompt_pass(layers: dict, cfg: ModelConfig, prompt: jax.Array) -> jax.Array:
     a = z[None] + jnp.einsum("BTNH,NHD->BTD", read, p["o"])
     return _mlp_block(p, a, cfg.rms_eps)[0], z
 
+  if cfg.remat != "none":
+    layer = jax.checkpoint(layer, prevent_cse=False)
   _, entering = jax.lax.scan(layer, prompt, layers)
   return entering

@@ -99,6 +99,41 @@ def empty_state(params: dict, cfg: ModelConfig, batch_size: int, start_position=
       pending=jnp.zeros((), jnp.int32), position=jnp.asarray(start_position, jnp.int32))
 
 
+def remat_full(layer: Callable, dtype) -> Callable:
+  """`layer(x, *args) -> (x, outputs)`, x of `dtype`, with full rematerialisation: the backward pass
+  recomputes the layer from x and `args`, which are all it keeps (ModelConfig.remat="full"). The layer
+  may close over no traced array: every array it reads is in x or `args`.
+
+  What jax.checkpoint(layer) computes, written as a custom VJP for one reason: x is kept as its raw bits
+  (an unsigned integer of its width), not as a float. Under a scan over layers these residuals are the
+  stack [layers, B, T, D]; kept as bfloat16, XLA:CPU converted the whole stack to float32 before the
+  backward loop (7.4 GiB per chip at the 24B config, docs/launch.md "Will it fit?"); as bits nothing
+  converts them until a layer's slice is read back. The gradients are jax.vjp's of the recomputed layer.
+  `args` (the layer's weights and context, slices of the scan's inputs) are kept as they are: the scan
+  passes them on without stacking a copy.
+  """
+  return functools.partial(_remat_bits, layer, jnp.dtype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _remat_bits(layer, dtype, x, *args):
+  return layer(x, *args)
+
+
+def _remat_bits_forward(layer, dtype, x, *args):
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * dtype.itemsize}"))
+  return layer(x, *args), (bits, args)
+
+
+def _remat_bits_backward(layer, dtype, residuals, cotangents):
+  bits, args = residuals
+  _, vjp = jax.vjp(layer, jax.lax.bitcast_convert_type(bits, dtype), *args)
+  return vjp(cotangents)
+
+
+_remat_bits.defvjp(_remat_bits_forward, _remat_bits_backward)
+
+
 def output_weights(params: dict, cfg: ModelConfig) -> jax.Array:
   """The output projection [D, V]: lm_head, or the transposed embedding when they are tied."""
   return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
@@ -133,17 +168,18 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
       segment_ids=segment_ids,
       position_offset=None if position_offset is None else jnp.asarray(position_offset, jnp.float32))
 
-  def layer(x, inputs):
-    p, ctx = inputs
+  def layer(x, p, ctx, info):
     p = jax.tree.map(lambda w: w.astype(dtype), lora.merge_layer(p, dtype))
     x, ctx = decoder_layer(p, cfg, constrain(x, ACTIVATION_AXES), ctx, info, max_pending)
     return constrain(x, ACTIVATION_AXES), ctx
 
-  if cfg.remat != "none":
+  if cfg.remat == "full":
+    layer = remat_full(layer, dtype)
+  elif cfg.remat != "none":
     layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=False)
   contexts = LayerContext(state.k, state.v, state.fam.astype(dtype), state.fam_hist.astype(dtype),
                           state.fam_hist_valid)
-  x, contexts = jax.lax.scan(layer, x, (params["layers"], contexts))
+  x, contexts = jax.lax.scan(lambda x, inputs: layer(x, *inputs, info), x, (params["layers"], contexts))
 
   h = rms_norm(x, params["final_norm"].astype(dtype), cfg.rms_eps)
   if output == "hidden":

@@ -292,7 +292,7 @@ def check_platform(model: ModelConfig, backend: str) -> None:
 # Fields a resumed run may change; any other difference from the workdir's config.json is refused.
 RESUMABLE_FIELDS = frozenset({
     "steps", "checkpoint_every", "keep_checkpoints", "log_every", "tensorboard", "init_from", "mesh",
-    "model.remat", "model.attention_chunk", "model.attention_impl", "microbatches", "loss_chunk",
+    "model.remat", "model.attention_chunk", "model.mlp_chunk", "model.attention_impl", "microbatches", "loss_chunk",
     "loss_vocab_chunk", "eval_every", "eval_steps", "eval_mixture", "eval_passkey_lengths", "eval_passkey_examples",
     "eval_passkey_format", "profile_steps",
 })

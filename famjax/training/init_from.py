@@ -2,9 +2,9 @@
 
 Only the parameters are taken (a fresh optimizer, step 0, new RSP state). The model's shapes (vocab,
 widths, depth, heads, RoPE base, norms, tied embeddings) come from the source; the attention pattern
-(attention, block_size, mem_segments, fam_len), dtypes, remat and how attention runs (attention_chunk,
-attention_impl) come from the job's config, which is how a full-attention checkpoint becomes a FAM model
-(spec §4: the FAM prompt is the only new weight).
+(attention, block_size, mem_segments, fam_len), dtypes, remat and how attention and the MLP run
+(attention_chunk, mlp_chunk, attention_impl) come from the job's config, which is how a full-attention
+checkpoint becomes a FAM model (spec §4: the FAM prompt is the only new weight).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from famjax.workdir import model as workdir_model
 
 # What the job decides; everything else about the model comes from the source.
 JOB_FIELDS = ("attention", "block_size", "mem_segments", "fam_len", "dtype", "param_dtype", "remat",
-              "attention_chunk", "attention_impl")
+              "attention_chunk", "mlp_chunk", "attention_impl")
 
 
 def is_famjax_checkpoint(path: Path) -> bool:

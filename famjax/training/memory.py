@@ -11,21 +11,20 @@ Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, do
 * `estimate(job, sizes)`: a formula, no compiling: the train state exactly (every array's shard under
   famjax's sharding rules on the mesh), the gradients of the trained arrays (and their float32 sum over
   microbatches with config.microbatches > 1), the merged LoRA weights (compute dtype) and their gradient
-  (float32), the layer inputs that full remat keeps (one [b, T, D] per layer, b the sequences of one
-  microbatch per data shard), and the larger of the two activation peaks of the step: the loss or one
+  (float32), the layer inputs that full remat keeps (one [b, T, D] per layer in the compute dtype's
+  width, b the sequences of one microbatch per data shard), and the larger of the two activation peaks of the step: the loss or one
   layer's backward, with the number of live copies XLA:CPU keeps of each (ACTIVATION_COPIES,
   CHUNKED_LOSS_COPIES: partly read from its buffer assignments, partly fitted).
   The loss: the float32 logits of every token and their gradient and the gathered output matrix; with
   config.loss_chunk, one tile's logits (loss_chunk tokens x loss_vocab_chunk entries), two gathered tiles
-  of the output matrix, the hidden states' float32 gradient, the float32 copy XLA:CPU makes of the saved
-  layer inputs, and the LoRA factors of every layer gathered over data x fsdp.
+  of the output matrix, the hidden states' float32 gradient and the LoRA factors of every layer gathered
+  over data x fsdp.
   A layer's backward: the attention scores of every block (with ModelConfig.attention_chunk, where this
-  famjax has it: of that many blocks, plus the float32 key/value windows of every block), the MLP's hidden
-  activations and the layer's gathered weights.
-  Against the compiles of the paper configs it was fitted to (13 without the memory-saving settings, 9
-  with loss_chunk and attention_chunk) it is within -5% .. +8% (+12% for loss_chunk without
-  attention_chunk); against 3 paper-scale compiles it was not fitted to, +1% .. +6% (docs/launch.md, "Will
-  it fit?"); tests/test_memory_fit.py checks it against compiles of small configs it was not fitted to.
+  famjax has it: of that many blocks, their key/value windows and the keys of every block), the MLP's
+  hidden activations (with ModelConfig.mlp_chunk: of that many tokens, plus the float32 sums of the MLP
+  weights' gradients) and the layer's gathered weights.
+  docs/launch.md ("Will it fit?") gives its error against the compiles of the paper configs;
+  tests/test_memory_fit.py checks it against compiles of small configs it was not fitted to.
 """
 
 from __future__ import annotations
@@ -46,14 +45,16 @@ from famjax.training.state import model_logical_axes, new_state, state_logical_a
 # all blocks (f32 scores, their gradient and softmax intermediates, a bf16 copy and the boolean mask: read
 # from the buffer assignments of the 1B and 24B steps as 4.75 copies of 8 of the 9 blocks of 8704 tokens,
 # so 4.22 of all 9), the MLP's [b, T, mlp] activations and their gradients, and the layer's weights
-# gathered over fsdp (counted as an f32 + compute-dtype pair each). The last two, and
-# LAYER_INPUT_EXTRA_BYTES, are fitted to the 13 compiles of docs/launch.md without loss_chunk and
-# attention_chunk. With attention_chunk ("chunked_*"): the scores of the blocks computed at once, the
-# key/value windows of every block ([blocks, (m+1) * block + F, kv heads, head_dim] float32: 4 to 7
-# buffers in the 1B and 8B buffer assignments) and the MLP activations, which are no longer hidden behind
-# the scores (up to 7 buffers at distinct offsets in the 1B step's; 6 fitted).
+# gathered over fsdp (counted as an f32 + compute-dtype pair each). The last two are fitted to the 13
+# compiles of docs/launch.md without loss_chunk and attention_chunk. With attention_chunk ("chunked_*"):
+# the scores of the blocks computed at once, the key/value windows ([blocks, (m+1) * block + F, kv heads,
+# head_dim] float32: 4 to 7 buffers in the 1B and 8B buffer assignments, when every block's were built at
+# once) and the MLP activations, which are no longer hidden behind the scores (up to 7 buffers at
+# distinct offsets in the 1B step's; 6 fitted). With mlp_chunk, the layer's gathered weights:
+# "chunked_layer_weights", fitted to the 1B, 8B and 24B compiles with every memory-saving setting.
 ACTIVATION_COPIES = {"scores": 4.22, "mlp": 4.0, "layer_weights": 3.0,
-                     "chunked_scores": 4.75, "kv_windows": 4.0, "chunked_mlp": 6.0}
+                     "chunked_scores": 4.75, "kv_windows": 4.0, "chunked_mlp": 6.0,
+                     "chunked_layer_weights": 2.0}
 # With loss_chunk, at the loss: the output matrix (with loss_vocab_chunk, one tile of its columns)
 # gathered in float32 and a compute-dtype copy, 1.7 times (fitted; two float32 all-gathers and two
 # compute-dtype copies at distinct offsets in the 1B, 8B and 24B buffer assignments of the earlier loss,
@@ -62,7 +63,6 @@ ACTIVATION_COPIES = {"scores": 4.22, "mlp": 4.0, "layer_weights": 3.0,
 # every layer gathered in float32 (fitted: 1.75 times their bytes). The "chunked" counts are fitted to 9 compiles of the paper configs with these settings
 # (benchmarks/memory_fit.py's points, and 1B on 128 chips with loss chunks 256 and 1088).
 CHUNKED_LOSS_COPIES = {"output_matrix": 1.7, "logits": 1.0, "lora_factors": 1.75, "hidden_gradient": 2.0}
-LAYER_INPUT_EXTRA_BYTES = 1  # per element of a saved layer input, beyond its compute-dtype copy
 
 
 # -- the estimate ---------------------------------------------------------------------------------------
@@ -129,6 +129,7 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
     raise ValueError(f"the estimate models remat='full' (the paper configs), not {cfg.remat!r}")
   b, T, D, L = per_shard // k, train.seq_len, cfg.d_model, cfg.n_layers
   C, G = train.loss_chunk, getattr(cfg, "attention_chunk", 0)
+  mlp_tokens = min(T, getattr(cfg, "mlp_chunk", 0) or T)  # tokens whose MLP activations exist at once
   vocab_tile = _split(min(train.loss_vocab_chunk or cfg.vocab_size, cfg.vocab_size), tensor)
   c = np.dtype(cfg.compute_dtype).itemsize
   heads, kv_heads = _split(cfg.n_heads, tensor), _split(cfg.n_kv_heads, tensor)
@@ -145,31 +146,33 @@ def estimate(job: JobConfig, sizes: tuple[int, int, int]) -> dict:
     merged = sum(_shard_bytes(layer_shapes[n].shape, np.uint8, axes[n], mesh) for n in job.lora.targets)
     out["lora_merged"] = merged * (c + 4) // L
     lora_factors = state_bytes(job, (1, 1, tensor))["trained"] // L
-  # what full remat keeps of each layer for the backward: its input in the compute dtype (+ fitted extra)
-  inputs = L * b * T * D
-  out["layer_inputs"] = inputs * (c + LAYER_INPUT_EXTRA_BYTES)
+  # what full remat keeps of each layer for the backward: its input, as bits of the compute dtype's width
+  # (famjax.model.transformer.remat_full)
+  out["layer_inputs"] = L * b * T * D * c
   H, copies = cfg.head_dim, ACTIVATION_COPIES
   kv_windows = 0
   if cfg.uses_blocks:
     fam_keys = cfg.fam_len * getattr(cfg, "fam_history", 1)
     blocks, width = -(-T // cfg.block_size), (cfg.memory_blocks + 1) * cfg.block_size + fam_keys
-    if G and G < blocks:  # G blocks' scores at a time; the keys and values of every block's window
+    if G and G < blocks:  # G blocks' scores and key/value windows at a time, and the memory's keys
       scores = copies["chunked_scores"] * b * G * heads * cfg.block_size * width * 4
-      kv_windows = b * blocks * width * kv_heads * H * 4
+      kv_windows = b * (G * width + (blocks + cfg.memory_blocks) * cfg.block_size) * kv_heads * H * 4
     else:
       scores = copies["scores"] * b * blocks * heads * cfg.block_size * width * 4
   else:  # one query chunk of block_size at a time
     scores = copies["scores"] * b * heads * cfg.block_size * T * 4
   layer_weights = (D * (heads + 2 * kv_heads) * H + heads * H * D + 3 * D * mlp) * (4 + c)
-  layer = (scores + copies["kv_windows"] * kv_windows + copies["layer_weights"] * layer_weights
-           + copies["chunked_mlp" if kv_windows else "mlp"] * b * T * mlp * 4)
+  # with mlp_chunk, the float32 sums of the MLP weights' gradients over the token groups
+  mlp_gradient_sums = 3 * D * mlp * 4 if mlp_tokens < T else 0
+  weight_copies = copies["chunked_layer_weights" if mlp_gradient_sums else "layer_weights"]
+  layer = (scores + copies["kv_windows"] * kv_windows + weight_copies * layer_weights
+           + copies["chunked_mlp" if kv_windows else "mlp"] * b * mlp_tokens * mlp * 4 + mlp_gradient_sums)
   output_matrix = vocab * D * (4 + c)  # gathered over fsdp: float32 and a compute-dtype copy
   if C:  # one tile's logits at a time; a tile of the output matrix, the hidden states' float32 gradient,
-    # the layer inputs' float32 copy, the adapters
+    # the adapters
     loss = (CHUNKED_LOSS_COPIES["output_matrix"] * vocab_tile * D * (4 + c)
             + CHUNKED_LOSS_COPIES["logits"] * b * C * vocab_tile * 4
             + CHUNKED_LOSS_COPIES["hidden_gradient"] * b * T * D * 4
-            + inputs * max(0, 4 - c - LAYER_INPUT_EXTRA_BYTES)
             + CHUNKED_LOSS_COPIES["lora_factors"] * lora_factors)
   else:  # the logits of every token and their gradient; the output matrix
     loss = 2 * b * T * vocab * 4 + output_matrix
