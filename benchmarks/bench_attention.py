@@ -23,7 +23,8 @@ donated + temporaries, the line famjax.train prints at compile), and the median 
 times. The rows of a table step interleaved, one step of each in turn (in alternating order), after a
 warm-up step each, so that other load on the machine falls on all alike; the time ratio is to the
 table's first row.
-docs/training.md ("Attention scores a group of blocks at a time") holds a run's tables.
+docs/training.md ("Attention scores a group of blocks at a time, the MLP a group of tokens at a time") holds
+a run's tables.
 """
 
 from __future__ import annotations

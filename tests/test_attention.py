@@ -58,11 +58,12 @@ def test_attention_chunk_keeps_logits_and_gradients(attention, mem, fam_len, pac
   assert_same(logits_and_grads(params, cfg.replace(attention_chunk=3), toks, jnp.asarray(mask), seg), ref)
 
 
-def test_attention_chunk_streams():
-  """Streaming chunks of fewer blocks than attention_chunk run as one group; longer ones in groups."""
+@pytest.mark.parametrize("field,value", [("attention_chunk", 2), ("mlp_chunk", 3)])
+def test_chunked_layers_stream(field, value):
+  """Streaming chunks of fewer blocks (tokens) than the setting run as one group; longer ones in groups."""
   cfg = ModelConfig(**TINY, attention="fam", mem_segments=1, fam_len=2)
   model = Transformer(cfg, params=init_params(cfg, jax.random.key(0)))
-  chunked = Transformer(cfg.replace(attention_chunk=2), params=model.params_dict())
+  chunked = Transformer(cfg.replace(**{field: value}), params=model.params_dict())
   toks = tokens(1, 30)
   state, outs = chunked.init_state(1), []
   for a, b in ((0, 13), (13, 14), (14, 30)):  # 4 blocks (2 groups), one token, 4 blocks from pending 2
@@ -71,21 +72,22 @@ def test_attention_chunk_streams():
   np.testing.assert_allclose(np.concatenate(outs, axis=1), model(toks), rtol=2e-5, atol=2e-5)
 
 
+def _step_temp_bytes(cfg, length):
+  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  toks = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+  def loss(p, t):
+    return jnp.mean(transformer.forward(p, cfg, t, transformer.empty_state(p, cfg, 1), max_pending=0)[0])
+  return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_attention_chunk_bounds_the_scores_memory():
   """Block 128, 16 blocks, 3 memory blocks: the scores dominate the step; taken 2 blocks at a time, the
   compiled forward + backward needs well under half the temporary memory."""
-  def temp_bytes(chunk):
-    cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, mlp_dim=128,
-                      attention="bswa", block_size=128, mem_segments=3, fam_len=0, dtype="float32",
-                      remat="full", attention_chunk=chunk)
-    params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-    toks = jax.ShapeDtypeStruct((1, 2048), jnp.int32)
-
-    def loss(p, t):
-      return jnp.mean(transformer.forward(p, cfg, t, transformer.empty_state(p, cfg, 1), max_pending=0)[0])
-    return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
-
-  whole, chunked = temp_bytes(0), temp_bytes(2)
+  cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=4, n_kv_heads=4, mlp_dim=128,
+                    attention="bswa", block_size=128, mem_segments=3, fam_len=0, dtype="float32",
+                    remat="full")
+  whole, chunked = _step_temp_bytes(cfg, 2048), _step_temp_bytes(cfg.replace(attention_chunk=2), 2048)
   assert chunked < 0.45 * whole, (chunked, whole)
 
 
@@ -135,27 +137,6 @@ def test_mlp_chunk_sums_the_weight_gradient_in_float32():
     up = logits_and_grads(params, cfg.replace(mlp_chunk=chunk), toks, None, None)[1]["layers"]["up"]
     errors[chunk] = float(jnp.abs(up - exact).max() / jnp.abs(exact).max())
   assert errors[4] < 1.5 * errors[0] + 1e-3, errors
-
-
-def test_mlp_chunk_streams():
-  cfg = ModelConfig(**TINY, attention="fam", mem_segments=1, fam_len=2)
-  model = Transformer(cfg, params=init_params(cfg, jax.random.key(0)))
-  chunked = Transformer(cfg.replace(mlp_chunk=3), params=model.params_dict())
-  toks = tokens(1, 30)
-  state, outs = chunked.init_state(1), []
-  for a, b in ((0, 13), (13, 14), (14, 30)):
-    out, state = chunked.stream(toks[:, a:b], state)
-    outs.append(out)
-  np.testing.assert_allclose(np.concatenate(outs, axis=1), model(toks), rtol=2e-5, atol=2e-5)
-
-
-def _step_temp_bytes(cfg, length):
-  params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
-  toks = jax.ShapeDtypeStruct((1, length), jnp.int32)
-
-  def loss(p, t):
-    return jnp.mean(transformer.forward(p, cfg, t, transformer.empty_state(p, cfg, 1), max_pending=0)[0])
-  return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_mlp_chunk_bounds_the_mlp_memory():
