@@ -42,6 +42,8 @@ _TASKS = flags.DEFINE_list("tasks", [], "seqio tasks to evaluate: scrolls_qasper
                            "or any famjax task or mixture")
 _SPLIT = flags.DEFINE_string("split", "validation", "the tasks' split")
 _TASK_EXAMPLES = flags.DEFINE_integer("task_examples", 0, "examples per task, the first ones (0: all)")
+_TEXT_TOKENS = flags.DEFINE_integer("text_tokens", 0, "pg19, isabelle: score the first N tokens of each "
+                                   "text (0: all of it)")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "longest generated answer of a task (greedy, "
                                 "stops at EOS)")
 _TFDS_DIR = flags.DEFINE_string("tfds_data_dir", "", "prepared TFDS data, and the GPT-3 tasks' JSON "
@@ -101,7 +103,7 @@ def main(argv) -> None:
         passkey_format=_FORMAT.value,
         tasks=tuple(_TASKS.value), split=_SPLIT.value, task_examples=_TASK_EXAMPLES.value,
         max_new_tokens=_MAX_NEW.value, tfds_data_dir=_TFDS_DIR.value, chunk_size=_CHUNK.value,
-        bos_id=None if _BOS.value < 0 else _BOS.value)
+        bos_id=None if _BOS.value < 0 else _BOS.value, text_tokens=_TEXT_TOKENS.value)
     plan = runner.prepare(sources, settings)
   except (OSError, ValueError) as e:  # LoadError, TfdsNotPreparedError, Gpt3DataNotFoundError, ...
     _fail(str(e))

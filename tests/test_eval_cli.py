@@ -71,7 +71,8 @@ def test_one_checkpoint_of_a_workdir(workdir, tmp_path):
   assert proc.returncode == 2 and "no such directory" in proc.stderr
 
 
-@pytest.mark.parametrize("case", ["missing_workdir", "no_checkpoint", "bad_length", "missing_dataset"])
+@pytest.mark.parametrize("case", ["missing_workdir", "no_checkpoint", "bad_length", "missing_dataset",
+                                  "negative_text_tokens"])
 def test_user_errors_are_one_line_exit_2(case, hf_dir, tmp_path):
   flags = {
       "missing_workdir": [f"--model=x={tmp_path / 'nowhere'}", "--passkey_lengths=2k"],
@@ -79,11 +80,13 @@ def test_user_errors_are_one_line_exit_2(case, hf_dir, tmp_path):
       "bad_length": [f"--model=x={hf_dir}", "--passkey_lengths=2k,3x"],
       "missing_dataset": [f"--model=x={hf_dir}", "--tasks=scrolls_qasper",
                           f"--tfds_data_dir={tmp_path / 'tfds'}"],
+      "negative_text_tokens": [f"--model=x={hf_dir}", "--tasks=pg19", "--text_tokens=-5"],
   }[case]
   named = {"missing_workdir": f"{tmp_path / 'nowhere'}: no such directory",
            "no_checkpoint": f"{tmp_path}: no checkpoint to read",
            "bad_length": "bad length '3x'",
-           "missing_dataset": f"is not prepared in {tmp_path / 'tfds'}"}[case]
+           "missing_dataset": f"is not prepared in {tmp_path / 'tfds'}",
+           "negative_text_tokens": "--text_tokens must be >= 0, got -5"}[case]
   (tmp_path / "config.json").write_text(json.dumps({"model": {}, "data": {}}))
   proc = run("famjax.eval", *flags, f"--out_dir={tmp_path / 'out'}", timeout=120)
   assert proc.returncode == 2, proc.stderr[-3000:]

@@ -40,13 +40,14 @@ def data_dir(tmp_path_factory):
   return directory
 
 
-def expected_accuracy(model):
-  """By hand: the parallel forward over [BOS] + theory + EOS, argmax against the next token."""
+def expected_accuracy(model, text_tokens=None):
+  """By hand: the parallel forward over [BOS] + theory + EOS, argmax against the next token (over the
+  first `text_tokens` tokens of each theory: None, all of them)."""
   targets, predictions = [], []
   for theory in THEORIES:
     ids = np.asarray(VOCAB.encode(theory) + [VOCAB.eos_id], np.int32)
-    predictions.append(np.asarray(model(stream.with_bos(ids)[None, :-1]))[0].argmax(-1))
-    targets.append(ids)
+    predictions.append(np.asarray(model(stream.with_bos(ids)[None, :-1]))[0].argmax(-1)[:text_tokens])
+    targets.append(ids[:text_tokens])
   return metrics.next_token_accuracy(targets, predictions)
 
 
@@ -58,6 +59,16 @@ def test_next_token_accuracy_of_theories(model, data_dir):
     result = longcontext.evaluate_task(model, VOCAB, task, chunk_size=chunk)
     assert result["metrics"] == pytest.approx(expected)
   assert [r["tokens"] for r in result["predictions"]] == [len(t) + 1 for t in THEORIES]
+
+
+def test_text_tokens_scores_the_first_tokens_of_each_theory(model, data_dir):
+  """PG-19 and Isabelle truncated to a fixed length: the first 20 tokens of each theory."""
+  [task] = longcontext.load_tasks("isabelle", tfds_data_dir=str(data_dir))
+  result = longcontext.evaluate_task(model, VOCAB, task, chunk_size=8, text_tokens=20)
+  assert [r["tokens"] for r in result["predictions"]] == [20, 20]
+  assert result["metrics"] == pytest.approx(expected_accuracy(model, text_tokens=20))
+  with pytest.raises(ValueError, match="text_tokens"):
+    longcontext.evaluate_task(model, VOCAB, task, text_tokens=-1)
 
 
 def test_missing_isabelle_fails_fast_with_the_export_steps(tmp_path):
@@ -81,3 +92,9 @@ def test_cli(model, data_dir, tmp_path):
   assert task["metrics"]["next_token_accuracy"] == pytest.approx(
       expected_accuracy(model)["next_token_accuracy"], abs=1e-6)
   assert "| isabelle | next_token_accuracy | 2 |" in (tmp_path / "out" / "results.md").read_text()
+  short = cli(f"--model=m={hf}", "--tasks=isabelle", "--chunk_size=8", f"--tfds_data_dir={data_dir}",
+              "--text_tokens=20", f"--out_dir={tmp_path / 'short'}")
+  assert short.returncode == 0, short.stderr[-3000:]
+  task = json.loads((tmp_path / "short" / "results.json").read_text())["models"]["m"]["tasks"]["isabelle"]
+  assert task["metrics"]["next_token_accuracy"] == pytest.approx(
+      expected_accuracy(model, text_tokens=20)["next_token_accuracy"], abs=1e-6)

@@ -9,7 +9,9 @@ the GPT-3 suite (or any seqio task famjax registers), scored with the task's own
   decoded text goes through the task's postprocessor and metric functions (ROUGE-L, accuracy, exact
   match: famjax.data.metrics).
 - Language modelling (a task scored by next-token accuracy, PG-19, Isabelle): the text is streamed in
-  chunks and the argmax after every position is compared with the next token, over the answer's tokens.
+  chunks and the argmax after every position is compared with the next token, over the answer's tokens
+  (all of them, or with `text_tokens` = N the first N of each text: a PG-19 book or an Isabelle theory
+  truncated to its first N tokens, as long-context evaluations fix the length they score).
 - Rank classification (a task with seqio score metrics, the GPT-3 rank tasks): every option's
   log-likelihood after its context (famjax.evaluation.rank), the scores going to the score metrics.
 
@@ -95,9 +97,11 @@ def _missing_data(name: str, missing: list) -> FileNotFoundError:
 
 
 def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Optional[int] = None,
-                  max_new_tokens: int = 128, progress=None, bos_id: Optional[int] = stream.BOS_ID) -> dict:
+                  max_new_tokens: int = 128, progress=None, bos_id: Optional[int] = stream.BOS_ID,
+                  text_tokens: int = 0) -> dict:
   """The task's metrics for `model` (percentages), streaming every example in chunks of `chunk_size`
-  tokens (default 4 blocks).
+  tokens (default 4 blocks). `text_tokens` > 0: a language-modelling task scores the first that many
+  tokens of each answer (0: all; other tasks ignore it).
 
   Returns a JSON-able dict: task, split, n, metrics ({name: value}), predictions (per example:
   prompt_tokens and target/prediction/generated_tokens; or tokens and next_token_accuracy; or label,
@@ -108,6 +112,11 @@ def evaluate_task(model: Transformer, vocabulary, task: TaskData, chunk_size: Op
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if text_tokens < 0:
+    raise ValueError(f"text_tokens must be >= 0, got {text_tokens}")
+  if text_tokens and task.language_modelling:
+    task = dataclasses.replace(task, examples=tuple({**ex, "targets": ex["targets"][:text_tokens]}
+                                                    for ex in task.examples))
   reporter = progress_lib.as_progress(progress, task.name)
   t0 = time.perf_counter()
   read = sum(_tokens_read(ex, task, vocabulary, bos_id) for ex in task.examples)

@@ -37,6 +37,7 @@ class Settings:
   tfds_data_dir: str = ""
   chunk_size: int = 0  # 0: four blocks of each model
   bos_id: Optional[int] = 0
+  text_tokens: int = 0  # language-modelling tasks (pg19, isabelle): score each text's first N (0: all)
 
   def __post_init__(self):
     if not self.passkey_lengths and not self.tasks:
@@ -47,7 +48,7 @@ class Settings:
     for name in ("passkey_examples", "max_new_tokens"):
       if getattr(self, name) < 1:
         raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
-    for name in ("task_examples", "chunk_size"):
+    for name in ("task_examples", "chunk_size", "text_tokens"):
       if getattr(self, name) < 0:
         raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
 
@@ -108,7 +109,7 @@ def run(plan: Plan, out_dir, log: Callable[[str], None] = print) -> dict:
     for task in plan.tasks[source.vocabulary]:
       r = evaluate_task(model, vocab, task, chunk_size=s.chunk_size or None,
                         max_new_tokens=s.max_new_tokens, progress=Progress(f"{source.name} {task.name}"),
-                        bos_id=s.bos_id)
+                        bos_id=s.bos_id, text_tokens=s.text_tokens)
       entry["tasks"][task.name] = r
       scores = ", ".join(f"{k} {v:.1f}" for k, v in r["metrics"].items())
       log(f"{source.name} {task.name}: {scores} over {r['n']} examples ({r['seconds']:.1f} s)")
