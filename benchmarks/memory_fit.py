@@ -234,8 +234,9 @@ def search_table(records: list[dict]) -> str:
   """Markdown: every compiled record, by model, chips, baseline first, microbatches."""
   records = sorted(records, key=_order)
   lines = ["| model | chips | mesh (data, fsdp, tensor) | sequences / chip | microbatches | sequences / "
-           "microbatch | loss_chunk | loss_vocab_chunk | attention_chunk | mlp_chunk | compiled GiB | estimate "
-           "GiB | fits | compile s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+           "microbatch | loss_chunk | loss_vocab_chunk | attention_chunk | mlp_chunk | compiled GiB | "
+           "estimate GiB | fits | compile s |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
   for r in records:
     cells = [r["size"].upper(), str(r["chips"]), str(tuple(r["mesh"])), str(r["sequences_per_chip"]),
              str(r["microbatches"]), str(r["sequences_per_microbatch"]),
@@ -257,7 +258,8 @@ def summary(records: list[dict], one_sequence_target_gib: float = 4.0) -> str:
     if role == "baseline":
       r = rs[0]
       lines.append(f"* as the paper configs define the step ({where}, 1 microbatch, loss_chunk 0, "
-                   f"loss_vocab_chunk 0, attention_chunk 0, mlp_chunk 0): {r['total'] / GIB:.2f} GiB compiled")
+                   f"loss_vocab_chunk 0, attention_chunk 0, mlp_chunk 0): "
+                   f"{r['total'] / GIB:.2f} GiB compiled")
       continue
     if role == "one_sequence":
       r = rs[0]

@@ -109,8 +109,8 @@ def test_attention_chunk_keeps_the_ablation_switches(switches, packed):
   assert_same(logits_and_grads(params, cfg.replace(attention_chunk=3), toks, mask, seg), ref)
 
 
-@pytest.mark.parametrize("attention,remat,chunk", [("fam", "full", 8), ("bswa", "none", 5), ("full", "none", 7),
-                                                   ("fam", "save_qkv_proj", 29)])
+@pytest.mark.parametrize("attention,remat,chunk", [("fam", "full", 8), ("bswa", "none", 5),
+                                                   ("full", "none", 7), ("fam", "save_qkv_proj", 29)])
 def test_mlp_chunk_keeps_logits_and_gradients(attention, remat, chunk):
   """29 tokens in groups of `chunk` (the last padded; 29: one group, the unchunked path), with packed
   examples and padding, also with attention_chunk."""
@@ -121,7 +121,8 @@ def test_mlp_chunk_keeps_logits_and_gradients(attention, remat, chunk):
   seg = jnp.asarray(np.array([[1] * 12 + [2] * 17, [1] * 8 + [2] * 13 + [0] * 8]))
   ref = logits_and_grads(params, cfg, toks, seg > 0, seg)
   assert_same(logits_and_grads(params, cfg.replace(mlp_chunk=chunk), toks, seg > 0, seg), ref)
-  assert_same(logits_and_grads(params, cfg.replace(mlp_chunk=chunk, attention_chunk=2), toks, seg > 0, seg), ref)
+  both = cfg.replace(mlp_chunk=chunk, attention_chunk=2)
+  assert_same(logits_and_grads(params, both, toks, seg > 0, seg), ref)
 
 
 def test_mlp_chunk_sums_the_weight_gradient_in_float32():

@@ -277,7 +277,8 @@ def test_remat_full_keeps_the_layer_inputs_without_a_float32_copy(monkeypatch):
     return program.as_text(), program.memory_analysis().temp_size_in_bytes, step(params, toks)
 
   bits_text, bits, grads = compiled()
-  monkeypatch.setattr(transformer, "remat_full", lambda layer, dtype: jax.checkpoint(layer, prevent_cse=False))
+  monkeypatch.setattr(transformer, "remat_full",
+                      lambda layer, dtype: jax.checkpoint(layer, prevent_cse=False))
   checkpoint_text, checkpointed, ref = compiled()
   assert "f32[8,1,2048,256]" in checkpoint_text  # the copy this test looks for, where it exists
   assert "f32[8,1,2048,256]" not in bits_text and "u16[8,1,2048,256]" in bits_text

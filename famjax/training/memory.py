@@ -12,9 +12,9 @@ Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, do
   famjax's sharding rules on the mesh), the gradients of the trained arrays (and their float32 sum over
   microbatches with config.microbatches > 1), the merged LoRA weights (compute dtype) and their gradient
   (float32), the layer inputs that full remat keeps (one [b, T, D] per layer in the compute dtype's
-  width, b the sequences of one microbatch per data shard), and the larger of the two activation peaks of the step: the loss or one
-  layer's backward, with the number of live copies XLA:CPU keeps of each (ACTIVATION_COPIES,
-  CHUNKED_LOSS_COPIES: partly read from its buffer assignments, partly fitted).
+  width, b the sequences of one microbatch per data shard), and the larger of the two activation peaks
+  of the step: the loss or one layer's backward, with the number of live copies XLA:CPU keeps of each
+  (ACTIVATION_COPIES, CHUNKED_LOSS_COPIES: partly read from its buffer assignments, partly fitted).
   The loss: the float32 logits of every token and their gradient and the gathered output matrix; with
   config.loss_chunk, one tile's logits (loss_chunk tokens x loss_vocab_chunk entries), two gathered tiles
   of the output matrix, the hidden states' float32 gradient and the LoRA factors of every layer gathered
@@ -45,13 +45,14 @@ from famjax.training.state import model_logical_axes, new_state, state_logical_a
 # all blocks (f32 scores, their gradient and softmax intermediates, a bf16 copy and the boolean mask: read
 # from the buffer assignments of the 1B and 24B steps as 4.75 copies of 8 of the 9 blocks of 8704 tokens,
 # so 4.22 of all 9), the MLP's [b, T, mlp] activations and their gradients, and the layer's weights
-# gathered over fsdp (counted as an f32 + compute-dtype pair each). The last two are fitted to the 13
-# compiles of docs/launch.md without loss_chunk and attention_chunk. With attention_chunk ("chunked_*"):
-# the scores of the blocks computed at once, the key/value windows ([blocks, (m+1) * block + F, kv heads,
-# head_dim] float32: 4 to 7 buffers in the 1B and 8B buffer assignments, when every block's were built at
-# once) and the MLP activations, which are no longer hidden behind the scores (up to 7 buffers at
-# distinct offsets in the 1B step's; 6 fitted). With mlp_chunk, the layer's gathered weights:
-# "chunked_layer_weights", fitted to the 1B, 8B and 24B compiles with every memory-saving setting.
+# gathered over fsdp (counted as an f32 + compute-dtype pair each). The last two were fitted to 13
+# compiles without loss_chunk and attention_chunk, of an earlier famjax (before remat_full). With
+# attention_chunk ("chunked_*"): the scores of the blocks computed at once, the key/value windows
+# ([blocks, (m+1) * block + F, kv heads, head_dim] float32: 4 to 7 buffers in the 1B and 8B buffer
+# assignments, when every block's were built at once) and the MLP activations, which are no longer
+# hidden behind the scores (up to 7 buffers at distinct offsets in the 1B step's; 6 fitted). With
+# mlp_chunk, the layer's gathered weights: "chunked_layer_weights", fitted to the 1B, 8B and 24B
+# compiles with every memory-saving setting.
 ACTIVATION_COPIES = {"scores": 4.22, "mlp": 4.0, "layer_weights": 3.0,
                      "chunked_scores": 4.75, "kv_windows": 4.0, "chunked_mlp": 6.0,
                      "chunked_layer_weights": 2.0}
