@@ -1,6 +1,6 @@
 # famjax: two commands on a fresh machine with Python 3.11.
 #   make demo   sets up .venv and runs the main job (trains the demo FAM model on the built-in mixture)
-#   make test   sets up .venv (with the test extras) and runs the tests
+#   make test   sets up .venv (with the test extras) and runs the tests (make test-fast: the fast tier)
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 WORKDIR ?= workdirs/demo
 
-.PHONY: setup setup-test demo stream-demo test bench clean
+.PHONY: setup setup-test demo stream-demo test test-fast bench clean
 
 $(VENV)/.base: requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "famjax needs $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -18,8 +18,10 @@ $(VENV)/.base: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.base requirements-test.txt
+$(VENV)/.test: $(VENV)/.base requirements-test.txt requirements-tpu.txt
 	$(PY) -m pip install -q -r requirements-test.txt
+	# libtpu off the import path (requirements-tpu.txt says why); famjax.parallel.topology finds it there
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/libtpu -r requirements-tpu.txt
 	touch $@
 
 setup: $(VENV)/.base
@@ -31,11 +33,14 @@ demo: setup
 stream-demo: setup
 	$(PY) -m famjax.demo
 
-# One pytest process per test file: a process that has loaded TensorFlow's data pipelines (the data and
-# evaluation tests) and then compiled hundreds of XLA programs segfaulted once inside XLA's compiler
-# (tests/test_model.py, which passes on its own); separate processes keep the files independent.
+# tests/run_suite.py: one pytest process per test file, two files at a time, longest first; every file runs
+# whatever the others did, and the last line counts the whole suite (its docstring says why and how).
 test: setup-test
-	@set -e; for f in tests/test_*.py; do echo "== $$f"; $(PY) -m pytest -q -p no:cacheprovider $$f; done
+	$(PY) tests/run_suite.py
+
+# The fast tier (-m "not slow"): every package touched in a few minutes.
+test-fast: setup-test
+	$(PY) tests/run_suite.py --fast
 
 bench: setup
 	$(PY) benchmarks/bench_model.py
@@ -43,4 +48,4 @@ bench: setup
 	$(PY) benchmarks/bench_data.py
 
 clean:
-	rm -rf $(VENV) bench_results workdirs
+	rm -rf $(VENV) bench_results workdirs .cache

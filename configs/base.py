@@ -92,8 +92,8 @@ def get_config() -> config_dict.ConfigDict:
   d.shuffle_buffer = 1000
   d.tfds_data_dir = ""
   d.prefetch = 2              # batches prepared ahead in a background thread
-  d.store = ""                # the row store's directory ("": the default), or "stream" (docs/data.md)
-  d.store_rows = 0            # rows the store holds (0: one pass of a finite mixture, else what the run reads)
+  d.store = ""                # the data store's root, examples + plans ("": the default), or "stream" (docs/data.md)
+  d.store_rows = 0            # 0: the plan's rows, each once; n: its first n rows, read in epochs
 
   # -- the optimizer (famjax.training.config.OptimizerConfig) ----------------------------------------
   o = c.optimizer = config_dict.ConfigDict()

@@ -4,6 +4,18 @@ Variants (`--config=configs/fam_1b.py:<variant>`):
   fam         FAM, block 1024, FAM length 64, 3 memory segments (the default)
   bswa_m<k>   block sliding window attention with k memory segments (k = 0..8), no FAM
   full        plain causal attention
+and after any of them, switches:
+  ,unchunked  the step as the paper defines it, without the memory-saving settings of FITS (the whole
+              [tokens, vocabulary] logits at once, every block's attention scores at once, the MLP of all
+              tokens at once, one microbatch). It does not fit a v5e chip.
+  ,pallas     the attention by the Pallas kernel (model.attention_impl="pallas", TPU only), which keeps no
+              scores in HBM, so without attention_chunk; the rest as FITS.
+e.g. `--config=configs/fam_1b.py:fam,pallas`.
+
+As shipped, each size carries the settings that fit a v5e slice of the paper's chip count (16 GiB per chip;
+32, 64 and 128 chips), as the TPU compiler measures them: `python benchmarks/memory_fit.py --platform=tpu`
+(docs/launch.md, "Will it fit?"). On fewer chips (more sequences per chip) raise `microbatches`; the same
+command with `--job=WORKDIR/config.json --topology=...` finds the count that fits.
 
 The data is yours: the paper's Flan mixture is not built in. Register a seqio mixture named `flan`, or
 give the data files with `config.data.sources` (see docs/training.md), and the 256k SentencePiece model
@@ -19,6 +31,18 @@ SHAPES = {
     "24b": (56, 4096, 8, 32, 1, 3e-3),
 }
 VARIANTS = ("fam", "full") + tuple(f"bswa_m{k}" for k in range(9))
+# The memory-saving settings that fit 16 GiB per chip at the paper's chip count (v5e, docs/launch.md "Will it
+# fit?"): the loss in tiles of 512 tokens x 32000 vocabulary entries, one query block's attention scores at
+# a time, the MLP 1088 tokens (an eighth of the 8704) at a time; the 8B's two sequences per chip as two
+# microbatches of one. The 1B fits without mlp_chunk (12.2 GiB, TPU compiler) and its step is faster without
+# (predicted: nothing recomputed for it, and no reduce-scatter of the MLP weights' gradient per group).
+FITS = {
+    "1b": dict(microbatches=1, loss_chunk=512, loss_vocab_chunk=32000, attention_chunk=1, mlp_chunk=0),
+    "8b": dict(microbatches=2, loss_chunk=512, loss_vocab_chunk=32000, attention_chunk=1, mlp_chunk=1088),
+    "24b": dict(microbatches=1, loss_chunk=512, loss_vocab_chunk=32000, attention_chunk=1, mlp_chunk=1088),
+}
+UNCHUNKED = dict(microbatches=1, loss_chunk=0, loss_vocab_chunk=0, attention_chunk=0, mlp_chunk=0)
+SWITCHES = ("unchunked", "pallas")
 
 
 def get_config(size: str, variant: str = "fam"):
@@ -70,8 +94,24 @@ def get_config(size: str, variant: str = "fam"):
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
+  variant, *switches = (variant or "fam").split(",")
+  for switch in switches:
+    if switch not in SWITCHES:
+      raise ValueError(f"unknown switch {switch!r} after the variant; the switches are: "
+                       f"{', '.join(f'{variant},{name}' for name in SWITCHES)}")
+  apply_settings(c, UNCHUNKED if "unchunked" in switches else FITS[size])
+  if "pallas" in switches:
+    c.model.attention_impl = "pallas"
+    c.model.attention_chunk = 0
   apply_variant(c, variant)
   return c
+
+
+def apply_settings(c, settings: dict) -> None:
+  """The memory-saving settings (FITS or UNCHUNKED) on a config: microbatches, loss_chunk and
+  loss_vocab_chunk at the top level, attention_chunk and mlp_chunk of the model."""
+  for name, value in settings.items():
+    (c.model if name in ("attention_chunk", "mlp_chunk") else c)[name] = value
 
 
 def apply_variant(c, variant: str) -> None:

@@ -97,25 +97,23 @@ def commands(sweep: dict, workdir, extra=(), only=()) -> list[tuple[str, list[st
   return out
 
 
-def validate(sweep: dict, root: Path) -> None:
-  """Build every point's config (not its data) so a typo fails before the first run."""
+def validate(sweep: dict, root: Path, extra=()) -> None:
+  """Every point's command line parsed as famjax.train parses it (its overrides and the `extra` flags:
+  an unknown flag or field, a value of the wrong type) and its config built and checked (not its data),
+  so a mistake fails before the first run starts; ValueError naming the point and the flag."""
   sys.path.insert(0, str(root))
-  from famjax.training.config import job_config  # pylint: disable=import-outside-toplevel
-  path = root / sweep["config"]
-  spec = importlib.util.spec_from_file_location("famjax_sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for point in sweep["points"]:
-    config = module.get_config(point["variant"]) if point.get("variant") else module.get_config()
-    for key, value in {**sweep.get("overrides", {}), **point.get("overrides", {})}.items():
-      *path_, last = key.split(".")
-      section = config
-      for p in path_:
-        section = section[p]
-      if last not in section:
-        raise ValueError(f"point {point['name']}: config.{key}: unknown field")
-      section[last] = value
-    job_config(config, vocab_size=1)
+  from famjax import train  # pylint: disable=import-outside-toplevel
+  from famjax.training.config import check_evaluation, job_config  # pylint: disable=import-outside-toplevel
+  config_file = str(root / sweep["config"])
+  for name, argv in commands({**sweep, "config": config_file}, root / "sweep_check", extra):
+    argv = ["famjax.train", *argv[3:]]  # from python -m famjax.train ...
+    flag_values = flags.FlagValues()
+    holders = train.define_flags(flag_values, argv)
+    try:
+      train.parse_argv(argv, flag_values)
+      check_evaluation(job_config(holders.config.value, vocab_size=1).train)
+    except ValueError as e:  # ConfigError
+      raise ValueError(f"point {name}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -228,8 +226,8 @@ def main(argv) -> None:
     if unknown:
       raise ValueError(f"--only: no point(s) {sorted(unknown)}")
     if not _REPORT.value:
-      validate(sweep, Path.cwd())
-  except (ValueError, KeyError, AttributeError, ImportError) as e:
+      validate(sweep, Path.cwd(), extra)
+  except (ValueError, KeyError, AttributeError, ImportError, TypeError) as e:
     sys.exit(f"famjax.sweep: error: {' '.join(str(e).split())}")
   if _REPORT.value:
     _print_report(sweep, workdir)

@@ -12,9 +12,11 @@ one line on stderr and a non-zero exit, before anything compiles.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -25,7 +27,8 @@ from famjax.parallel import MESH_AXES, distributed, slice_count
 from famjax.train_data import TrainData
 from famjax.train_eval import passkey_eval, passkey_lengths
 from famjax.training import evaluate, export, init_from, loop
-from famjax.training.config import ConfigError, DataSection, check_platform, job_config, train_config
+from famjax.training.config import (ConfigError, DataSection, check_evaluation, check_platform, job_config,
+                                    train_config)
 from famjax.workdir import layout
 
 
@@ -38,13 +41,27 @@ def _config_package_on_path(argv) -> None:
       sys.path.insert(0, str(path.parent.parent))
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file[:variant]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and events go")
-_RESTART = flags.DEFINE_bool("restart", False, "start over in a workdir that holds a run of another "
-                             "config (the old run is moved to WORKDIR/previous_<time>/)")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "what to do with the workdir")
-_EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 20, "--mode=eval: batches of the validation split")
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS, argv: list[str] | None = None
+                 ) -> types.SimpleNamespace:
+  """famjax.train's flags, defined on `flag_values`: the global FLAGS when the job runs (`run()`), a
+  FlagValues of their own when famjax.sweep checks a point's command line or a test runs `main`
+  (`argv`: the command line that will be parsed, where ml_collections finds the --config.* overrides;
+  default sys.argv)."""
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", None, "training config file[:variant]",
+                                             lock_config=True, flag_values=flag_values, sys_argv=argv),
+      workdir=flags.DEFINE_string("workdir", None, "where checkpoints, metrics and events go",
+                                  flag_values=flag_values),
+      restart=flags.DEFINE_bool("restart", False, "start over in a workdir that holds a run of another "
+                                "config (the old run is moved to WORKDIR/previous_<time>/)",
+                                flag_values=flag_values),
+      mode=flags.DEFINE_enum("mode", "train", ["train", "eval", "export"], "what to do with the workdir",
+                             flag_values=flag_values),
+      eval_batches=flags.DEFINE_integer("eval_batches", 20, "--mode=eval: batches of the validation split",
+                                        flag_values=flag_values))
+
+
+_FLAGS = None  # define_flags() of the running job (run())
 
 
 def _fail(message: str) -> None:
@@ -52,23 +69,45 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def parse_flags(argv):
-  """absl's parser, with flag errors (unknown config key, wrong type, bad file) as one line, exit 2."""
+def parse_argv(argv, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """absl's parser, with flag errors (unknown config key or flag, wrong type, bad config file) raised as
+  ConfigError, one line naming the flag."""
   _config_package_on_path(argv)
   try:
-    rest = flags.FLAGS(argv)
-    if _CONFIG.value is not None:
-      _CONFIG.value.keys()  # a config file that failed to load raises here
+    rest = flag_values(argv)
+    if flag_values["config"].value is not None:
+      flag_values["config"].value.keys()  # a config file that failed to load raises here
     return rest
   except (KeyError, AttributeError) as e:  # ml_collections: overriding a key the config does not have
-    key = str(e).strip("'\"")
+    lines = _unquoted(str(e.args[0] if e.args else e)).splitlines() or [""]
+    key = _unquoted(lines[0])
     arg = next((a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.") and
                 key in a.split("=", 1)[0].split(".")), f"--config...{key}")
-    _fail(f"{arg[2:]}: unknown field (configs/base.py lists every field)")
+    hint = next((f" ({line[0].lower()}{line[1:]})" for line in lines[1:] if line.startswith("Did you mean")), "")
+    raise ConfigError(f"{arg[2:]}: unknown field{hint} (configs/base.py lists every field)") from None
   except (flags.Error, OSError, TypeError, ValueError) as e:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     # A config file that raised: its traceback is in the message; its last line says what went wrong.
-    _fail(lines[-1] if any(line.startswith("Traceback") for line in lines) else " ".join(lines[:3]))
+    raise ConfigError(lines[-1] if any(line.startswith("Traceback") for line in lines)
+                      else " ".join(lines[:3])) from None
+
+
+def _unquoted(text: str) -> str:
+  """A KeyError's message without the quotes (and escapes) of its repr, however often it was quoted."""
+  while len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+      break
+  return text.strip()
+
+
+def parse_flags(argv, flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """parse_argv for app.run: a flag error is one line on stderr and exit status 2."""
+  try:
+    return parse_argv(argv, flag_values)
+  except ConfigError as e:
+    _fail(str(e))
 
 
 # -- the job -----------------------------------------------------------------------------------------
@@ -80,6 +119,7 @@ def build(config):
   if not isinstance(raw.get("data", {}), dict):
     raise ConfigError(f"config.data: must be a section (a ConfigDict), got {raw['data']!r}")
   train = train_config(raw)
+  check_evaluation(train)
   data = TrainData(DataSection.from_dict(raw.get("data", {})), train)
   job = job_config(raw, vocab_size=data.vocab_size, train=train, data=data.section)
   if job.train.init_from:
@@ -121,30 +161,34 @@ def outputs_message(workdir: Path, argv_config: str) -> str:
   ])
 
 
-def main(argv) -> None:
+def main(argv, f: types.SimpleNamespace | None = None) -> None:
+  """The job, on parsed flags `f` (define_flags'; default: the running job's)."""
+  f = f or _FLAGS
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  if _CONFIG.value is None or not _WORKDIR.value:
+  if f.config.value is None or not f.workdir.value:
     _fail("--config and --workdir are required")
-  workdir = Path(_WORKDIR.value).absolute()
+  workdir = Path(f.workdir.value).absolute()
   try:
     distributed.initialize()  # joins a multi-process job (launch/); nothing for a single process
-    job, data = build(_CONFIG.value)
-    distributed.check_same_config(_CONFIG.value)
-    if _MODE.value == "eval":
+    job, data = build(f.config.value)
+    distributed.check_same_config(f.config.value)
+    if f.mode.value == "eval":
       result = evaluate.evaluate(job, workdir, lambda: data.batches(None, "validation", 1),
-                                 _EVAL_BATCHES.value)
+                                 f.eval_batches.value)
       print(evaluate.report(result))
+      distributed.shutdown()
       return
-    if _MODE.value == "export":
+    if f.mode.value == "export":
       print(f"wrote {export.export_hf(job, workdir, workdir / 'hf')}")
+      distributed.shutdown()
       return
     if job.model.attention != "fam" and job.fam.rsp_prob > 0:
       print(f"note: fam.rsp_prob={job.fam.rsp_prob} has no effect with attention={job.model.attention}")
     evaluates = job.train.evaluates
-    result = loop.run(job, workdir, data.batches, restart=_RESTART.value,
+    result = loop.run(job, workdir, data.batches, restart=f.restart.value,
                       make_eval_batches=data.eval_batches if evaluates and job.train.eval_steps else None,
                       passkey_eval=passkey_eval(job, data) if evaluates and job.train.eval_passkey_lengths
                       else None)
@@ -154,12 +198,15 @@ def main(argv) -> None:
     print(result.message)
   config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "?")
   print(outputs_message(workdir, config_arg))
+  distributed.shutdown()  # every process leaves together (a NaN stops them all at the same step)
   if result.status == "nan":
     sys.exit(1)
 
 
 def run() -> None:
+  global _FLAGS  # pylint: disable=global-statement
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  _FLAGS = define_flags()
   app.run(main, flags_parser=parse_flags)
 
 

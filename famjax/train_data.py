@@ -1,5 +1,5 @@
 """The data edge of famjax.train: the data section validated by famjax.data, and the batches the
-training loop reads (famjax.data's row store or stream, or the synthetic stream for
+training loop reads (famjax.data's store or stream, or the synthetic stream for
 data.mixture="synthetic").
 
 famjax.training never imports famjax.data; this module joins them. famjax.data (and so TensorFlow) is
@@ -10,12 +10,14 @@ imported only for a real mixture, so a synthetic run needs neither.
   it = data.batches(position)                # this host's iterator, from a checkpoint's position
   it = data.eval_batches()                   # held-out batches for evaluation during training
 
-Training batches come from the config's row store (famjax.data.store: built here, in-process, the first
-time a run finds none, or extended when a run on an endless mixture reads further; `python -m
-famjax.data.prepare` builds it ahead) in the global order
-(famjax.data.global_batches): a checkpoint's position is one global row count, so it resumes at once
-on any number of processes. data.store="stream" reads the per-host stream instead, and so does a run
-whose checkpoint holds a stream position (saved before the row store): it replays, on its own layout.
+Training batches come from the config's data store (famjax.data.store: the tasks' examples tokenized
+once and a packing plan over them; built here, in this process, the first time a run finds none, and
+extended when a run reads further; `python -m famjax.data.prepare` builds it ahead, with Apache Beam) in
+the global order (famjax.data.global_batches): a checkpoint's position is one global row count, so it
+resumes at once on any number of processes. data.store="stream" reads the per-host stream instead, and
+so does a run whose checkpoint holds a stream position (saved before the row store): it replays, on its
+own layout. A position in the earlier .npy row store continues at the same row count of the plan (a
+note says so).
 """
 
 from __future__ import annotations
@@ -97,13 +99,16 @@ class TrainData:
       raise ConfigError(f"config.data: cannot continue from the checkpoint's data position: {e}") from None
 
   def _global_batches(self, position: dict | None):
-    """The row store's global order (the store built here if it does not exist yet)."""
+    """The store's global order (tokenized and planned here if missing)."""
     from famjax.data import get_global_batches, store  # pylint: disable=import-outside-toplevel
     try:
-      if self._store is None:  # an endless mixture's store holds the rows this run reads
-        self._store = store.open_or_build(self.config, min_rows=self.train.steps * self.train.batch_size)
-    except (store.StoreCorruptError, store.StoreMismatchError) as e:
-      raise ConfigError(str(e)) from None
+      if self._store is None:  # the plan covers the rows this run reads
+        self._store = store.open_or_build(self.config, rows=self.train.steps * self.train.batch_size)
+      if isinstance(position, dict) and position.get("version") == 2:  # the earlier .npy row store
+        position, note = store.continue_from_row_store(position, self._store)
+        print(note)
+    except (OSError, ValueError, RuntimeError) as e:  # a full disk, a missing source, a damaged store, ...
+      raise _config_error(e) from None
     try:
       return get_global_batches(self._store, self.train.batch_size, jax.process_index(),
                                 jax.process_count(), state=position, prefetch=self.config.prefetch)

@@ -70,6 +70,7 @@ def test_parallel_forward_matches_reference(name):
     assert rel_err(fam_state.values, ref_fam) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["history2", "all"])
 def test_passed_state_matches_reference(name):
   """RSP (spec §6) with the ablations: only the latest state is passed, the older ones start missing."""
@@ -83,6 +84,7 @@ def test_passed_state_matches_reference(name):
   assert rel_err(logits, ref) < 2e-5 and rel_err(fam_state.values, ref_fam) < 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", [dict(fam_position="between"), dict(fam_position="zero"),
                                     dict(fam_history=2), dict(fam_init="prefix")])
 def test_each_fam_switch_changes_the_model(switch):
@@ -97,6 +99,7 @@ def test_each_fam_switch_changes_the_model(switch):
   assert rel_err(model(toks), reference_forward(p64, spec, toks)) > 1e-3
 
 
+@pytest.mark.slow
 def test_swa_does_not_depend_on_block_size_and_a_long_window_is_full():
   toks = tokens(2, 27)
   outs = [np.asarray(build(tiny(attention="swa", window=11, block_size=b))[0](toks)) for b in (4, 8, 16)]
@@ -107,6 +110,7 @@ def test_swa_does_not_depend_on_block_size_and_a_long_window_is_full():
   np.testing.assert_allclose(np.asarray(swa(toks)), np.asarray(full(toks)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window,block", [(5, 8), (11, 4)])
 def test_swa_is_causal_and_forgets_beyond_its_window(window, block):
   model, _ = build(tiny(attention="swa", window=window, block_size=block))
@@ -128,6 +132,7 @@ def test_swa_is_causal_and_forgets_beyond_its_window(window, block):
 STREAMED = ["swa_w5", "swa_w11", "swa_w20", "between", "zero", "prefix", "history2", "history3_m0", "all"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STREAMED)
 def test_stream_equals_parallel_for_random_chunkings(name):
   model = Transformer(tiny(**CASES[name]), rngs=nnx.Rngs(7))
@@ -139,6 +144,7 @@ def test_stream_equals_parallel_for_random_chunkings(name):
     np.testing.assert_allclose(streamed, parallel, rtol=1e-5, atol=1e-5, err_msg=str(chunks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swa_w11", "history3_m0"])
 def test_state_has_constant_size(name):
   model = Transformer(tiny(**CASES[name]), rngs=nnx.Rngs(7))
@@ -156,6 +162,7 @@ def test_state_has_constant_size(name):
     assert state.fam_hist.shape == (2, 2, 2, 2, 32) and bool(np.asarray(state.fam_hist_valid).all())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["swa_w11", "between", "history3_m0"])
 def test_stream_far_from_the_origin_is_exact(name):
   """Spec §5: angles from block-relative positions, so a stream at 1e8 equals one at 0."""
@@ -167,6 +174,7 @@ def test_stream_far_from_the_origin_is_exact(name):
   np.testing.assert_array_equal(far, at_zero)
 
 
+@pytest.mark.slow
 def test_history_restarts_with_every_packed_example():
   """[famjax] packed examples at block boundaries compute what they compute alone, fam_history too."""
   model, _ = build(tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2, fam_history=2))
@@ -215,6 +223,7 @@ def _grads(model, toks):
   return nnx.to_pure_dict(nnx.grad(lambda m: _loss(m(toks)))(model))
 
 
+@pytest.mark.slow
 def test_mem_stop_gradient_matches_a_dense_reference():
   cfg = tiny(attention="bswa", block_size=4, mem_segments=1, n_kv_heads=4)
   toks = jnp.asarray(tokens(2, 14))
@@ -231,6 +240,7 @@ def test_mem_stop_gradient_matches_a_dense_reference():
   assert np.abs(g_default["layers"]["k"] - g_stopped["layers"]["k"]).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_mem_stop_gradient_in_fam_touches_only_the_memory_blocks():
   toks = jnp.asarray(tokens(2, 14))
   for mem, differs in ((0, False), (1, True)):  # without memory blocks there is nothing to stop
@@ -246,6 +256,7 @@ def test_mem_stop_gradient_in_fam_touches_only_the_memory_blocks():
 
 # -- fam_init="prefix": its parameter everywhere ----------------------------------------------------
 
+@pytest.mark.slow
 def test_prefix_parameter_axes_lora_and_gradient():
   cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2, fam_init="prefix")
   model = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -267,6 +278,7 @@ def test_prefix_parameter_axes_lora_and_gradient():
   assert float(jnp.abs(grad["fam_gate"]["fam_prefix"]).max()) > 0  # trained in full, as the prompt
 
 
+@pytest.mark.slow
 def test_ablation_configs_round_trip_through_hf(tmp_path):
   cfg = tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2, fam_init="prefix",
              fam_position="zero", fam_history=2, mem_stop_gradient=True)

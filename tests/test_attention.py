@@ -46,6 +46,7 @@ CASES = [("bswa", 0, 0, False, "none"), ("bswa", 2, 0, True, "none"), ("fam", 0,
          ("fam", 1, 2, True, "none")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention,mem,fam_len,packed,remat", CASES)
 def test_attention_chunk_keeps_logits_and_gradients(attention, mem, fam_len, packed, remat):
   cfg = ModelConfig(**{**TINY, "remat": remat}, attention=attention, mem_segments=mem, fam_len=fam_len)
@@ -58,6 +59,7 @@ def test_attention_chunk_keeps_logits_and_gradients(attention, mem, fam_len, pac
   assert_same(logits_and_grads(params, cfg.replace(attention_chunk=3), toks, jnp.asarray(mask), seg), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("field,value", [("attention_chunk", 2), ("mlp_chunk", 3)])
 def test_chunked_layers_stream(field, value):
   """Streaming chunks of fewer blocks (tokens) than the setting run as one group; longer ones in groups."""
@@ -81,6 +83,7 @@ def _step_temp_bytes(cfg, length):
   return jax.jit(jax.grad(loss)).lower(params, toks).compile().memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_attention_chunk_bounds_the_scores_memory():
   """Block 128, 16 blocks, 3 memory blocks: the scores dominate the step; taken 2 blocks at a time, the
   compiled forward + backward needs well under half the temporary memory."""
@@ -97,6 +100,7 @@ SWITCHES = [dict(attention="swa", window=6, mem_segments=0, fam_len=0),
             dict(attention="fam", mem_segments=1, fam_len=2, fam_history=3, fam_position="between")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda d: d["attention"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_attention_chunk_keeps_the_ablation_switches(switches, packed):
@@ -109,6 +113,7 @@ def test_attention_chunk_keeps_the_ablation_switches(switches, packed):
   assert_same(logits_and_grads(params, cfg.replace(attention_chunk=3), toks, mask, seg), ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention,remat,chunk", [("fam", "full", 8), ("bswa", "none", 5),
                                                    ("full", "none", 7), ("fam", "save_qkv_proj", 29)])
 def test_mlp_chunk_keeps_logits_and_gradients(attention, remat, chunk):
@@ -125,6 +130,7 @@ def test_mlp_chunk_keeps_logits_and_gradients(attention, remat, chunk):
   assert_same(logits_and_grads(params, both, toks, seg > 0, seg), ref)
 
 
+@pytest.mark.slow
 def test_mlp_chunk_sums_the_weight_gradient_in_float32():
   """In bfloat16 the chunked MLP's weight gradient (a float32 sum over the groups, rounded once) is as
   close to the float32 model's as the unchunked one's (one bfloat16 matmul over all tokens)."""
@@ -140,6 +146,7 @@ def test_mlp_chunk_sums_the_weight_gradient_in_float32():
   assert errors[4] < 1.5 * errors[0] + 1e-3, errors
 
 
+@pytest.mark.slow
 def test_mlp_chunk_bounds_the_mlp_memory():
   """A wide MLP (16 x d_model) over 2048 tokens dominates the step; 256 tokens at a time, the compiled
   forward + backward needs well under half the temporary memory."""
@@ -150,6 +157,7 @@ def test_mlp_chunk_bounds_the_mlp_memory():
   assert chunked < 0.45 * whole, (chunked, whole)
 
 
+@pytest.mark.slow
 def test_attention_chunk_builds_the_key_value_windows_a_group_at_a_time():
   """8 memory blocks of 64 tokens and as many key/value heads as query heads: the key/value windows of
   every block (9 blocks of keys each) dominate the step. A group at a time, the compiled forward +
@@ -180,6 +188,7 @@ def test_dot_product_attention_equals_attend(dtype, tol):
                              rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["full", "fam"])
 def test_fused_attention_path_equals_attend(monkeypatch, attention):
   """The model with the wrapper in place of `attend` (what attention_impl="cudnn" runs, here with JAX's

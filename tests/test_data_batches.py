@@ -25,7 +25,7 @@ def segments(row):
   return [(s, np.flatnonzero(ids == s)) for s in np.unique(ids) if s]
 
 
-@pytest.mark.parametrize("mixture", ["famjax_demo_short", "famjax_demo"])
+@pytest.mark.parametrize("mixture", ["famjax_demo_short", pytest.param("famjax_demo", marks=pytest.mark.slow)])
 def test_demo_batches_have_the_contract_shapes_and_weights(mixture):
   cfg = data.DataConfig(mixture=mixture, seq_len=512, repeat_segment_len=32)
   with data.get_batches(cfg, batch_size=4) as it:
@@ -132,6 +132,7 @@ def test_pack_false_gives_one_example_per_row_and_truncation_keeps_the_question(
   assert rows[1]["weights"].tolist() == [0.0] * 12 + [1.0] * 4
 
 
+@pytest.mark.slow
 def test_iterator_state_restores_the_identical_next_batches():
   cfg = data.DataConfig(mixture="famjax_demo_short", seq_len=256, repeat_segment_len=16, seed=3)
   with data.get_batches(cfg, batch_size=4) as it:
@@ -164,6 +165,7 @@ def test_iterator_state_restores_the_identical_next_batches():
     data.get_batches(cfg.replace(instruction_weight=0.5), batch_size=4, state=state)
 
 
+@pytest.mark.slow
 def test_other_seeds_give_other_batches():
   cfg = data.DataConfig(mixture="famjax_demo_short", seq_len=256, repeat_segment_len=16, prefetch=0)
   with data.get_batches(cfg, 2, seed=1) as a, data.get_batches(cfg, 2, seed=2) as b:

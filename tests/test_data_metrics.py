@@ -5,6 +5,9 @@ import pytest
 
 from famjax.data import metrics, passkey
 
+# The metrics: the full suite only (make test; tests/test_evaluation.py's fast tests use them).
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("reference, prediction, lcs, expected", [
     # "the cat on the mat": P = R = 5/6

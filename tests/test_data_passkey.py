@@ -7,6 +7,9 @@ import pytest
 from famjax import data
 from famjax.data import passkey, synthetic
 
+# The PassKey and synthetic tasks: the full suite only (make test).
+pytestmark = pytest.mark.slow
+
 LONGEST_FILLER_SENTENCE = max(len(s) + 2 for s in passkey.FILLER.split(". "))
 
 

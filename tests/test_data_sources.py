@@ -13,6 +13,9 @@ from famjax import data
 from famjax.data import flan, longcontext, tasks
 from famjax.data.tensorflow_setup import tf, tfds
 
+# User sources, TFDS and vocabularies: the full suite only (make test).
+pytestmark = pytest.mark.slow
+
 
 def _example_bytes(fields):
   feature = {k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v])) for k, v in fields.items()}

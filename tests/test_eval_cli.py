@@ -1,6 +1,7 @@
 """`python -m famjax.eval` as a user runs it: a trained workdir and a Hugging Face directory evaluated
-in one call (PassKey at two lengths and a task) write results.json, results.md and passkey.png; a missing
-workdir, checkpoint or dataset and a bad length spec are one line naming the problem, exit status 2."""
+in one call (PassKey at two lengths and a task) write results.json, results.md and passkey.png (a real
+subprocess); one checkpoint of a workdir, and a missing workdir, checkpoint or dataset and a bad length
+spec are one line naming the problem, exit status 2 (famjax.eval's main in this process, tests/cli.py)."""
 
 import json
 import os
@@ -11,7 +12,11 @@ import pytest
 from flax import nnx
 
 import famjax
+from cli import run_main
 from test_train_cli import ROOT, TINY, env
+
+# Real famjax.train and famjax.eval runs: the full suite only (make test).
+pytestmark = pytest.mark.slow
 
 
 def run(module, *flags, timeout=300):
@@ -61,13 +66,13 @@ def test_two_models_in_one_call(workdir, hf_dir, tmp_path):
 
 
 def test_one_checkpoint_of_a_workdir(workdir, tmp_path):
-  proc = run("famjax.eval", f"--model=first={workdir / 'checkpoints' / '1'}", f"--model=last={workdir}",
-             "--passkey_lengths=256", "--passkey_examples=1", f"--out_dir={tmp_path}")
+  proc = run_main("famjax.eval", [f"--model=first={workdir / 'checkpoints' / '1'}", f"--model=last={workdir}",
+                                "--passkey_lengths=256", "--passkey_examples=1", f"--out_dir={tmp_path}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   models = json.loads((tmp_path / "results.json").read_text())["models"]
   assert (models["first"]["info"]["step"], models["last"]["info"]["step"]) == (1, 2)
-  proc = run("famjax.eval", f"--model=x={workdir / 'checkpoints' / '7'}", "--passkey_lengths=256",
-             f"--out_dir={tmp_path / 'none'}")
+  proc = run_main("famjax.eval", [f"--model=x={workdir / 'checkpoints' / '7'}", "--passkey_lengths=256",
+                                f"--out_dir={tmp_path / 'none'}"])
   assert proc.returncode == 2 and "no such directory" in proc.stderr
 
 
@@ -88,7 +93,7 @@ def test_user_errors_are_one_line_exit_2(case, hf_dir, tmp_path):
            "missing_dataset": f"is not prepared in {tmp_path / 'tfds'}",
            "negative_text_tokens": "--text_tokens must be >= 0, got -5"}[case]
   (tmp_path / "config.json").write_text(json.dumps({"model": {}, "data": {}}))
-  proc = run("famjax.eval", *flags, f"--out_dir={tmp_path / 'out'}", timeout=120)
+  proc = run_main("famjax.eval", [*flags, f"--out_dir={tmp_path / 'out'}"])
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith("famjax.eval: error: ") and named in lines[0], lines

@@ -65,6 +65,7 @@ def test_passkey_exact_match_against_hand_values():
   assert exact == pytest.approx(200 / 3)
 
 
+@pytest.mark.slow
 def test_passkey_gives_the_same_numbers_for_every_chunk_size(model):
   results = [passkey.evaluate_passkey(model, VOCAB, 300, n_examples=3, chunk_size=c) for c in (1, 24)]
   assert results[0]["predictions"] == results[1]["predictions"]
@@ -86,6 +87,7 @@ def _store(tmp_path, name, version, features, rows, config=None):
       split_datasets={"validation": split}, data_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_generation_task_on_local_tfds_data(model, tmp_path):
   text = tfds.features.Text()
   _store(tmp_path, "xlsum", "1.0.0", {"text": text, "summary": text},
@@ -102,6 +104,7 @@ def test_a_generation_task_on_local_tfds_data(model, tmp_path):
                                                   [r["prediction"] for r in rows])
 
 
+@pytest.mark.slow
 def test_next_token_accuracy_of_a_book_on_local_tfds_data(model, tmp_path):
   text = tfds.features.Text()
   books = ["the sky is blue. " * 6, "the grass is green. " * 3]
@@ -126,6 +129,7 @@ def test_next_token_accuracy_of_a_book_on_local_tfds_data(model, tmp_path):
   assert [r["tokens"] for r in result["predictions"]] == [len(t) for t in targets]
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos(model):
   params = model.params_dict()
   params["lm_head"] = params["lm_head"].at[:, VOCAB.eos_id].add(100.0)  # EOS always wins

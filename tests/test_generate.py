@@ -26,6 +26,7 @@ def test_greedy_generation_is_the_argmax_of_the_parallel_forward(model):
   assert result.prompt_tokens_per_second > 0 and result.generation_tokens_per_second > 0
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_for_a_seed(model):
   prompt = np.random.RandomState(1).randint(0, 53, (1, 11))
   cfg = SamplingConfig(temperature=1.0, top_k=20, top_p=0.9)
@@ -44,6 +45,7 @@ def test_stop_tokens_end_generation(model):
   assert len(stopped.tokens[0]) == list(free).index(free[2]) + 1
 
 
+@pytest.mark.slow
 def test_sampling_filters():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.key(0), 400)

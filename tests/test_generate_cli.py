@@ -1,6 +1,7 @@
 """`python -m famjax.generate` as a user runs it: the prompt from --prompt, --prompt_file or stdin, the
 text on stdout and the token rates on stderr; the same seed gives the same text, which is what
-famjax.inference.generate gives in-process; a missing model directory is one line, exit status 2."""
+famjax.inference.generate gives in-process; a missing model directory is one line, exit status 2.
+One run is a real subprocess; the others run famjax.generate's main in this process (tests/cli.py)."""
 
 import re
 import subprocess
@@ -11,8 +12,12 @@ import pytest
 from flax import nnx
 
 import famjax
+from cli import run_main
 from famjax.inference import SamplingConfig, generate
 from test_train_cli import ROOT, env
+
+# famjax.generate end to end: the full suite only (make test).
+pytestmark = pytest.mark.slow
 
 PROMPT = "The pass key is 12345. What is the pass key?"
 SAMPLING = ["--temperature=1.0", "--top_k=50", "--max_new_tokens=12"]
@@ -27,16 +32,20 @@ def model_and_dir(tmp_path_factory):
   return model, famjax.to_hf(model, tmp_path_factory.mktemp("gen") / "hf")
 
 
-def run(*flags, stdin=None):
+def run(*flags, stdin=""):
+  return run_main("famjax.generate", list(flags), stdin)
+
+
+def run_subprocess(*flags):
   return subprocess.run([sys.executable, "-m", "famjax.generate", *flags], cwd=ROOT, env=env(),
-                        input=stdin, capture_output=True, text=True, timeout=300)
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_the_same_seed_gives_the_same_text_as_in_process(model_and_dir, tmp_path):
   model, hf_dir = model_and_dir
   prompt_file = tmp_path / "prompt.txt"
   prompt_file.write_text(PROMPT)
-  a = run(f"--hf_dir={hf_dir}", f"--prompt={PROMPT}", *SAMPLING, "--seed=3", "--ignore_eos")
+  a = run_subprocess(f"--hf_dir={hf_dir}", f"--prompt={PROMPT}", *SAMPLING, "--seed=3", "--ignore_eos")
   b = run(f"--hf_dir={hf_dir}", f"--prompt_file={prompt_file}", *SAMPLING, "--seed=3", "--ignore_eos")
   c = run(f"--hf_dir={hf_dir}", *SAMPLING, "--seed=4", "--ignore_eos", stdin=PROMPT)
   for proc in (a, b, c):

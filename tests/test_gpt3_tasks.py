@@ -7,8 +7,6 @@ missing file fails at once naming what to prepare."""
 
 import json
 import math
-import subprocess
-import sys
 import time
 from types import SimpleNamespace
 
@@ -19,10 +17,13 @@ import pytest
 from flax import nnx
 
 import famjax
+from cli import run_main
 from famjax import data
 from famjax.data import gpt3, metrics
 from famjax.evaluation import longcontext, rank, stream
-from test_train_cli import ROOT, env
+
+# The GPT-3 tasks end to end: the full suite only (make test).
+pytestmark = pytest.mark.slow
 
 VOCAB = data.get_vocabulary("byte")
 
@@ -227,9 +228,9 @@ def hf_dir(tmp_path_factory):
   return famjax.to_hf(famjax.Transformer(cfg, rngs=nnx.Rngs(1)), tmp_path_factory.mktemp("hf") / "hf")
 
 
-def cli(*flags, timeout=300):
-  return subprocess.run([sys.executable, "-m", "famjax.eval", *flags], cwd=ROOT, env=env(),
-                        capture_output=True, text=True, timeout=timeout)
+def cli(*flags):
+  """famjax.eval's main in this process (tests/cli.py; tests/test_eval_cli.py runs it as a subprocess)."""
+  return run_main("famjax.eval", list(flags))
 
 
 def test_cli_runs_both_groups(hf_dir, tmp_path):
@@ -262,7 +263,7 @@ def test_cli_runs_both_groups(hf_dir, tmp_path):
 
 def test_cli_missing_data_is_one_line_exit_2(hf_dir, tmp_path):
   proc = cli(f"--model=m={hf_dir}", "--tasks=gpt3_gen", f"--tfds_data_dir={tmp_path}",
-             f"--out_dir={tmp_path / 'out'}", timeout=120)
+             f"--out_dir={tmp_path / 'out'}")
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith(

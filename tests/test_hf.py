@@ -108,6 +108,7 @@ def llama_copy(llama, tmp_path):
 
 # -- parity with transformers ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_llama_untied_parity(llama):
   path, hf = llama
   model = from_hf(path, dtype="float32")
@@ -127,6 +128,7 @@ def test_llama_tied_parity(tmp_path):
   assert _rel_err(model(TOKENS), _torch_logits(hf)) < 1e-4
 
 
+@pytest.mark.slow
 def test_mistral_parity_warns_about_sliding_window(tmp_path):
   hf = _hf_model(transformers.MistralForCausalLM, transformers.MistralConfig(**SIZES, sliding_window=4096))
   hf.save_pretrained(tmp_path)
@@ -142,6 +144,7 @@ def test_qwen2_with_biases_is_refused(tmp_path):
   assert "Qwen2" in str(e.value) and "q_proj.bias" in str(e.value)
 
 
+@pytest.mark.slow
 def test_qwen2_without_biases_loads(tmp_path):
   hf = _hf_model(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**SIZES, rope_theta=THETA))
   with torch.no_grad():
@@ -155,6 +158,7 @@ def test_qwen2_without_biases_loads(tmp_path):
   assert _rel_err(model(TOKENS), _torch_logits(hf)) < 1e-4
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint(tmp_path, monkeypatch):
   hf = _hf_model(transformers.LlamaForCausalLM, transformers.LlamaConfig(**SIZES, rope_theta=THETA))
   hf.to(torch.bfloat16).save_pretrained(tmp_path)
@@ -193,6 +197,7 @@ def test_bfloat16_checkpoint(tmp_path, monkeypatch):
   assert "model.embed_tokens.weight" in refused
 
 
+@pytest.mark.slow
 def test_sharded_hf_checkpoint(llama, tmp_path):
   _, hf = llama
   hf.save_pretrained(tmp_path, max_shard_size="50KB")
@@ -225,6 +230,7 @@ def test_round_trip_fam_model(tmp_path, variant):
   np.testing.assert_array_equal(np.asarray(loaded(TOKENS % 97)), np.asarray(model(TOKENS % 97)))
 
 
+@pytest.mark.slow
 def test_to_hf_sharded(tmp_path):
   cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_dim=48,
                     attention="fam", block_size=8, fam_len=2, dtype="float32")
@@ -240,6 +246,7 @@ def test_to_hf_sharded(tmp_path):
   assert not any((tmp_path / s).exists() for s in shards)
 
 
+@pytest.mark.slow
 def test_to_hf_reads_in_transformers(llama, tmp_path):
   """famjax -> to_hf -> transformers gives the same logits: the written layout is really HF Llama's."""
   model = from_hf(llama[0], dtype="float32")
@@ -250,6 +257,7 @@ def test_to_hf_reads_in_transformers(llama, tmp_path):
 
 # -- FAM and BSWA on loaded weights ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fam_on_llama_weights_and_prompt_initialisation(llama):
   path, _ = llama
   model = from_hf(path, attention="fam", block_size=8, fam_len=4, mem_segments=1, dtype="float32")
@@ -267,6 +275,7 @@ def test_fam_on_llama_weights_and_prompt_initialisation(llama):
                              embed[ids] * math.sqrt(SIZES["hidden_size"]), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bswa_and_fam0_equal_full_on_loaded_weights(llama):
   path, _ = llama
   full = np.asarray(from_hf(path, dtype="float32")(TOKENS))

@@ -16,6 +16,9 @@ from famjax.data.tensorflow_setup import tf, tfds
 from famjax.evaluation import longcontext, stream
 from test_gpt3_tasks import cli
 
+# The Isabelle task end to end: the full suite only (make test).
+pytestmark = pytest.mark.slow
+
 VOCAB = data.get_vocabulary("byte")
 THEORIES = ['theory Foo imports Main begin\nlemma "x = x" by simp\nend\n',
             'theory Bar imports Foo begin\nlemma "True" by auto\nend\n']

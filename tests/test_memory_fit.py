@@ -26,6 +26,10 @@ from famjax.model import ModelConfig  # noqa: E402
 from famjax.parallel import MESH_AXES  # noqa: E402
 from famjax.training import memory  # noqa: E402
 from famjax.training.config import job_config  # noqa: E402
+from testenv import subprocess_env  # noqa: E402
+
+# The memory estimate and its compiles: the full suite only (make test).
+pytestmark = pytest.mark.slow
 
 GIB = 2 ** 30
 # estimate / compiled - 1 allowed for these small configs; what they measure (jax 0.10.2, XLA:CPU): the
@@ -68,7 +72,7 @@ POINTS = {  # name: (model changes, global batch, mesh, train changes)
 def small_job(batch_size, mesh, seq_len, lora_rank, n_layers, train=None, **model):
   """configs/paper.py's 1B recipe (as benchmarks/memory_fit.py's paper_job) at the sizes given; `train`:
   other top-level fields (microbatches, loss_chunk)."""
-  c = paper.get_config("1b").to_dict()
+  c = paper.get_config("1b", "fam,unchunked").to_dict()  # no memory-saving settings but those given
   c.update(batch_size=batch_size, seq_len=seq_len, mesh=dict(zip(MESH_AXES, mesh)), **(train or {}))
   c["lora"]["rank"] = lora_rank
   c["data"]["mixture"] = "synthetic"  # no data needed to lower the step
@@ -118,8 +122,8 @@ def test_estimate_models_microbatches_and_the_chunked_loss():
 
 
 def test_estimate_matches_the_compiled_step():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
+  out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=subprocess_env(devices=4),
+                       capture_output=True,
                        text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
   results = json.loads(out.stdout.strip().splitlines()[-1])
@@ -202,3 +206,45 @@ def _main():
 
 if __name__ == "__main__":
   _main()
+
+
+# -- --platform=tpu: the tables and errors (the compiles themselves: tests/test_tpu_compile.py) -------------
+
+def _tpu_record(role, size, total_gib, error=None, mfu=0.55):
+  prediction = {"compute_s": 2.0, "memory_s": 1.0, "collectives_s": 0.5, "step_s_serialised": 2.5,
+                "step_s_overlapped": 2.0, "mfu_serialised": mfu * 0.8, "mfu_overlapped": mfu,
+                "limited_by": "compute", "recompute_ratio": 1.6}
+  kinds = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+  return {"role": role, "size": size, "chips": 32, "topology": "v5e:4x8", "variant": "fam", "platform": "tpu",
+          "as_shipped": error is None, "mesh": [1, 32, 1], "sequences_per_chip": 4, "error": error,
+          "settings": {"microbatches": 1, "loss_chunk": 512, "loss_vocab_chunk": 32000, "attention_chunk": 1,
+                       "mlp_chunk": 1088, "attention_impl": "xla"},
+          "arguments": GIB, "temporaries": int((total_gib - 1) * GIB), "total": int(total_gib * GIB),
+          "total_gib": total_gib, "estimate": int(total_gib * GIB), "cpu_total": int(1.1 * total_gib * GIB),
+          "compile_s": 60.0, "flops": 3e12, "bytes_accessed": 7e10, "executed_flops": 6e14, "model_flops": 3.8e14,
+          "hbm_bytes": 8e11, "collectives": {k: {"count": 10, "bytes": 10 ** 9, "wire_bytes": 10 ** 9} for k in kinds},
+          "roofline": None if error else prediction}
+
+
+def test_tpu_tables_say_what_fits_and_what_limits_it():
+  mf = _memory_fit()
+  records = [_tpu_record("paper", "1b", 9.4), _tpu_record("one_sequence", "1b", 3.1),
+             _tpu_record("baseline", "1b", 70.6, error="the train step does not fit: ...")]
+  tables, summary = mf.tpu_tables(records), mf.tpu_summary(records)
+  assert "| 1B paper (as shipped) | v5e:4x8 | (1, 32, 1) | 4 |" in tables
+  assert "no (compiler: out of memory)" in tables and "compute; the step runs 1.60x the model FLOPs" in tables
+  assert "1B on v5e:4x8 (paper), as shipped: 9.40 GiB per chip (target <= 14: met); predicted MFU 55.0%" in summary
+  assert "one_sequence): 3.10 GiB per chip (target <= 4: met)" in summary
+  assert "baseline): does not fit, the compiler needed 70.60 GiB per chip" in summary
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--platform=tpu", "--compile_points", "1b:48"], "v5e has no slice of 48 chips"),
+    (["--platform=tpu", "--generation", "v9"], "TPU generation 'v9'"),
+    (["--platform=tpu", "--job", "config.json"], "--job needs --topology"),
+    (["--platform=tpu", "--hbm_gib", "-1"], "--hbm_gib=-1 must be > 0"),
+])
+def test_tpu_options_refuse_bad_input_in_one_line(argv, message):
+  with pytest.raises(SystemExit) as e:
+    _memory_fit().main(argv)
+  assert message in str(e.value) and "\n" not in str(e.value)

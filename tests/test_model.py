@@ -31,17 +31,18 @@ def tokens(batch, length, seed=1, vocab=37):
   return np.random.RandomState(seed).randint(0, vocab, (batch, length))
 
 
+SLOW = pytest.mark.slow  # (the fast tier, make test-fast, keeps one case of each mode)
 CASES = [
     # (attention, block_size, mem_segments, fam_len, n_heads, n_kv_heads)
     ("full", 8, 1, 0, 4, 4),      # MHA
-    ("full", 8, 1, 0, 4, 1),      # MQA
-    ("bswa", 8, 0, 0, 4, 2),      # GQA, no memory: block-local only
-    ("bswa", 8, 1, 0, 4, 4),
+    pytest.param("full", 8, 1, 0, 4, 1, marks=SLOW),      # MQA
+    pytest.param("bswa", 8, 0, 0, 4, 2, marks=SLOW),      # GQA, no memory: block-local only
+    pytest.param("bswa", 8, 1, 0, 4, 4, marks=SLOW),
     ("bswa", 4, 3, 0, 4, 2),
     ("fam", 8, 1, 4, 4, 2),
     ("fam", 8, 0, 3, 4, 1),       # the paper's PassKey setting: FAM with 0 memory segments, MQA
-    ("fam", 4, 2, 4, 4, 4),       # F == B
-    ("fam", 6, 1, 1, 2, 2),
+    pytest.param("fam", 4, 2, 4, 4, 4, marks=SLOW),       # F == B
+    pytest.param("fam", 6, 1, 1, 2, 2, marks=SLOW),
 ]
 
 
@@ -60,6 +61,7 @@ def test_parallel_forward_matches_reference(attention, block, mem, fam, heads, k
     assert not np.asarray(fam_state.from_prompt).any()
 
 
+@pytest.mark.slow
 def test_tied_embeddings_and_embed_scale_match_reference():
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4, tie_embeddings=True,
              embed_scale=True)
@@ -69,6 +71,7 @@ def test_tied_embeddings_and_embed_scale_match_reference():
   assert rel_err(model(toks), reference_forward(p64, cfg, toks)) < 2e-5
 
 
+@pytest.mark.slow
 def test_initial_fam_state_rsp_matches_reference():
   """Spec §6 RSP: start from a passed state, whose first update keeps the residual."""
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
@@ -82,7 +85,7 @@ def test_initial_fam_state_rsp_matches_reference():
   assert rel_err(fam_state.values, ref_fam) < 2e-5
 
 
-@pytest.mark.parametrize("mem", [0, 1])
+@pytest.mark.parametrize("mem", [0, pytest.param(1, marks=SLOW)])
 def test_fam_gate_matches_reference(mem):
   """The FAM write gate (ModelConfig.fam_gate, a famjax extension) against the reference, from the
   prompt (the first update ungated) and from a passed state (every update gated)."""
@@ -104,6 +107,27 @@ def test_fam_gate_matches_reference(mem):
   assert rel_err(plain(toks), ref) > 1e-3
 
 
+@pytest.mark.parametrize("mem", [0, pytest.param(1, marks=SLOW)])
+def test_fam_gate_with_packed_examples_matches_reference(mem):
+  """The path the gated PassKey model trains on: packed examples under segment ids, with gate weights
+  that spread the gate over (0, 1) (the reference's N(0, 1) draws, not the zero init's g = 1/2). Each
+  example computes the reference's result for it alone, from the prompt (its later updates gated) and
+  from a passed state (every update gated), and the row's final FAM is the last example's."""
+  cfg = tiny(attention="fam", block_size=4, mem_segments=mem, fam_len=2, fam_gate=True)
+  model, p64 = build(cfg)
+  a, b = tokens(2, 8, seed=5), tokens(2, 12, seed=6)  # 2 and 3 blocks, each example block-aligned
+  packed = jnp.asarray(np.concatenate([a, b, np.zeros((2, 4), int)], axis=1))
+  seg = jnp.asarray(np.array([[1] * 8 + [2] * 12 + [0] * 4] * 2))
+  init = np.random.RandomState(9).normal(size=(2, 2, 2, 32))
+  for start in (None, init):
+    state = None if start is None else FamState(jnp.asarray(start, jnp.float32), jnp.zeros((2,), bool))
+    out, final = model(packed, segment_ids=seg, token_mask=seg > 0, fam_state=state, return_fam_state=True)
+    ref_a = reference_forward(p64, cfg, a, initial_fam=start)
+    ref_b, ref_b_fam = reference_forward(p64, cfg, b, initial_fam=start, return_fam=True)
+    assert rel_err(out[:, :8], ref_a) < 2e-5 and rel_err(out[:, 8:20], ref_b) < 2e-5
+    assert rel_err(final.values, ref_b_fam) < 2e-5
+
+
 def test_fam_gate_needs_fam():
   with pytest.raises(ValueError, match="fam_gate"):
     tiny(attention="bswa", block_size=8, fam_len=0, fam_gate=True)
@@ -113,6 +137,7 @@ def test_fam_gate_needs_fam():
     tiny(attention="fam", block_size=8, fam_len=4, fam_gate="yes")
 
 
+@pytest.mark.slow
 def test_prompt_fam_is_the_prompt_pass():
   """With fewer tokens than a block there is no update: the returned state is the prompt's (§4)."""
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
@@ -124,6 +149,7 @@ def test_prompt_fam_is_the_prompt_pass():
   np.testing.assert_allclose(model.prompt_fam()[0], p64["fam_prompt"], rtol=1e-6)  # Z_1 = P
 
 
+@pytest.mark.slow
 def test_small_position_offsets_match_reference():
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
   model, p64 = build(cfg)
@@ -133,6 +159,7 @@ def test_small_position_offsets_match_reference():
   assert rel_err(model(toks, position_offset=jnp.asarray(offset)), ref) < 2e-5
 
 
+@pytest.mark.slow
 def test_rpo_offset_acts_only_through_float32_rounding():
   """Spec §6: a zero offset is exactly no offset; an offset of order 2*pi*theta perturbs logits by
   float32 angle rounding only (exact relative angles would cancel it)."""
@@ -162,6 +189,7 @@ def test_token_mask_padding_matches_unpadded():
   np.testing.assert_allclose(logits[0], full_logits[0], rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_bswa_with_enough_memory_equals_full():
   toks = tokens(2, 27)  # 4 blocks of 8: m = 3 covers every earlier block
   full, _ = build(tiny(attention="full"))
@@ -171,11 +199,20 @@ def test_bswa_with_enough_memory_equals_full():
   assert np.abs(np.asarray(short(toks)) - np.asarray(full(toks))).max() > 1e-3  # and m = 1 does not
 
 
-def test_fam_with_zero_length_equals_bswa():
+@pytest.mark.parametrize("mem", [0, pytest.param(1, marks=SLOW)])
+def test_fam_with_zero_length_equals_bswa(monkeypatch, mem):
+  """Spec §2: FAM with F = 0 is BSWA. ModelConfig sends attention="fam" with fam_len=0 down the bswa
+  path; here the FAM path itself runs with F = 0 (a [0, D] prompt and state, the scan over blocks, the
+  FAM keys of every block) and gives bswa's logits, which the bswa path computes without any of it."""
+  from famjax.model import config as model_config
   toks = tokens(2, 27)
-  bswa, _ = build(tiny(attention="bswa", block_size=8, mem_segments=1))
-  fam0, _ = build(tiny(attention="fam", block_size=8, mem_segments=1, fam_len=0))
-  np.testing.assert_array_equal(np.asarray(fam0(toks)), np.asarray(bswa(toks)))
+  bswa, _ = build(tiny(attention="bswa", block_size=8, mem_segments=mem))
+  monkeypatch.setattr(model_config.ModelConfig, "has_fam", property(lambda c: c.attention == "fam"))
+  fam0 = Transformer(tiny(attention="fam", block_size=8, mem_segments=mem, fam_len=0),
+                     params={**bswa.params_dict(), "fam_prompt": jnp.zeros((0, 32))})
+  logits, state = fam0(toks, return_fam_state=True)
+  assert state.values.shape == (2, 2, 0, 32)  # the FAM path ran
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(bswa(toks)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["full", "bswa", "fam"])
@@ -202,6 +239,7 @@ def test_fam_carries_information_beyond_the_window():
     assert (delta > 1e-6) == reaches, (attention, delta)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_tracks_float32():
   cfg = tiny(attention="fam", block_size=8, mem_segments=1, fam_len=4)
   model32, p64 = build(cfg)
@@ -212,6 +250,7 @@ def test_bfloat16_compute_tracks_float32():
   assert rel_err(out16, reference_forward(p64, cfg, toks)) < 5e-2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots", "save_qkv_proj", "offload_dots_no_batch", "offload_qkv_proj"])
 def test_remat_policies_keep_gradients(remat):
   """Against no remat. The offload policies compile and run on CPU too, where JAX lowers the transfers to
@@ -241,6 +280,7 @@ def _forward_grads(params, cfg, toks, **kw):
   return jax.jit(jax.grad(loss))(params)
 
 
+@pytest.mark.slow
 def test_remat_full_keeps_gradients_with_packing_padding_and_offsets():
   """remat="full" is a custom VJP (famjax.model.transformer.remat_full) that takes the packed examples'
   ids, the padding mask and the RPO offsets as explicit arguments; its gradients are no remat's, the
@@ -256,17 +296,19 @@ def test_remat_full_keeps_gradients_with_packing_padding_and_offsets():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_remat_full_keeps_the_layer_inputs_without_a_float32_copy(monkeypatch):
-  """In bfloat16, what remat keeps of 8 layers of 2048 tokens x 256 is the stack of the layers' inputs,
-  [8, 1, 2048, 256]. Under jax.checkpoint XLA:CPU converts that stack to float32 before the backward loop
-  (an f32[8,1,2048,256] array in the compiled program); kept as bits (remat_full) there is none, the
-  temporaries are smaller, and the gradients are the same."""
+  """In bfloat16, what remat keeps of 4 layers of 256 tokens x 64 is the stack of the layers' inputs,
+  [4, 1, 256, 64]. Under jax.checkpoint XLA:CPU converts that stack to float32 before the backward loop
+  (an f32[4,1,256,64] array in the compiled program; the same at the 24B config's sizes, where it was
+  7.44 GiB); kept as bits (remat_full) there is none, the temporaries are smaller, and the gradients are
+  the same."""
   from famjax.model import transformer
-  cfg = ModelConfig(vocab_size=64, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, mlp_dim=256,
-                    attention="bswa", block_size=256, mem_segments=1, fam_len=0, dtype="bfloat16",
+  cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, mlp_dim=64,
+                    attention="bswa", block_size=32, mem_segments=1, fam_len=0, dtype="bfloat16",
                     remat="full")
   params = Transformer(cfg, rngs=nnx.Rngs(0)).params_dict()
-  toks = jnp.asarray(tokens(1, 2048, vocab=64))
+  toks = jnp.asarray(tokens(1, 256, vocab=64))
 
   def compiled():
     def loss(p, t):
@@ -280,8 +322,8 @@ def test_remat_full_keeps_the_layer_inputs_without_a_float32_copy(monkeypatch):
   monkeypatch.setattr(transformer, "remat_full",
                       lambda layer, dtype: jax.checkpoint(layer, prevent_cse=False))
   checkpoint_text, checkpointed, ref = compiled()
-  assert "f32[8,1,2048,256]" in checkpoint_text  # the copy this test looks for, where it exists
-  assert "f32[8,1,2048,256]" not in bits_text and "u16[8,1,2048,256]" in bits_text
+  assert "f32[4,1,256,64]" in checkpoint_text  # the copy this test looks for, where it exists
+  assert "f32[4,1,256,64]" not in bits_text and "u16[4,1,256,64]" in bits_text
   assert bits < checkpointed, (bits, checkpointed)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=1e-5)
@@ -298,6 +340,7 @@ def test_bad_params_are_named():
     Transformer(cfg, params=missing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention,mem", [("full", 0), ("bswa", 4), ("bswa", 1)])
 def test_segment_ids_isolate_packed_examples(attention, mem):
   """With segment ids, each packed example sees only itself (bswa with enough memory = full)."""
@@ -313,7 +356,7 @@ def test_segment_ids_isolate_packed_examples(attention, mem):
   assert np.abs(unmasked[:, 7:] - out[:, 7:]).max() > 1e-4  # without ids, b reads a
 
 
-@pytest.mark.parametrize("mem", [0, 1])
+@pytest.mark.parametrize("mem", [0, pytest.param(1, marks=SLOW)])
 def test_segment_ids_restart_the_fam_for_every_example(mem):
   """[famjax] With segment ids, a packed example that starts at a block boundary computes exactly what it
   computes alone (each from the row's initial FAM: the prompt's, or a passed RSP state), and trailing
@@ -334,6 +377,7 @@ def test_segment_ids_restart_the_fam_for_every_example(mem):
   assert np.abs(unmasked[:, 8:20] - np.asarray(out[:, 8:20])).max() > 1e-4  # without ids, b reads a
 
 
+@pytest.mark.slow
 def test_segment_ids_with_fam_never_leak_across_unaligned_examples():
   """An example that starts inside a block reads no FAM there; nothing of the one before reaches it."""
   model, _ = build(tiny(attention="fam", block_size=4, mem_segments=1, fam_len=2))

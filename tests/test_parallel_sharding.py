@@ -21,6 +21,7 @@ from famjax.model.params import LOGICAL_AXES, param_shapes
 from famjax.parallel import MESH_AXES, MeshConfig, MeshShape, device_grid, logical_to_spec, slice_count
 from famjax.training import lora
 from famjax.training.config import LoraConfig
+from testenv import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,10 +169,9 @@ def test_lora_adapter_axes():
   assert logical_to_spec(axes["down"]["b"], shapes["down"]["b"], mesh) == P(None, None, "fsdp")
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env,
+  out = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=subprocess_env(devices=8),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
   assert ("sharded == single device for (2, 2, 2) and (1, 4, 2), with 1 and 2 microbatches, and the tiled loss"

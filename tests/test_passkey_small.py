@@ -2,6 +2,7 @@
 variant validates and has the same size, data and steps, and the one command trains and evaluates end to
 end (2 steps per model here; the real run's numbers are in the README and docs/passkey_small.md)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,6 +15,9 @@ import famjax
 from configs import passkey_small
 from famjax.training.config import job_config
 from test_train_cli import ROOT, env
+
+# The PassKey experiment's command end to end: the full suite only (make test).
+pytestmark = pytest.mark.slow
 
 
 def test_variants_validate_and_differ_only_in_attention():
@@ -66,9 +70,13 @@ def test_one_command_trains_and_evaluates(tmp_path):
     assert "### fam" in fam_state and "| 128 |" in fam_state and "bswa" not in fam_state
 
 
-def test_bad_variant_is_refused_before_anything_runs(tmp_path):
-  proc = subprocess.run([sys.executable, "experiments/passkey_small.py", f"--out={tmp_path}",
-                         "--variants=fam,lstm"], cwd=ROOT, env=env(), capture_output=True, text=True,
-                        timeout=60)
-  assert proc.returncode == 2 and "unknown ['lstm']" in proc.stderr
+def test_bad_variant_is_refused_before_anything_runs(tmp_path, capsys):
+  """The script's main in this process (the test above runs it as a subprocess)."""
+  spec = importlib.util.spec_from_file_location("passkey_small_experiment",
+                                                f"{ROOT}/experiments/passkey_small.py")
+  experiment = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment)
+  with pytest.raises(SystemExit) as exit_:
+    experiment.main([f"--out={tmp_path}", "--variants=fam,lstm"])
+  assert exit_.value.code == 2 and "unknown ['lstm']" in capsys.readouterr().err
   assert not any(tmp_path.iterdir())

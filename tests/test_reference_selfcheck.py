@@ -106,15 +106,19 @@ def test_bswa_with_all_memory_equals_full(T):
 
 
 @pytest.mark.parametrize("m", [0, 1, 2])
-def test_fam_with_zero_length_equals_bswa(m):
+def test_fam_with_zero_length_equals_bswa(monkeypatch, m):
+  """The reference's FAM layer (fam_layer: Algorithm 2, block by block) with F = 0 rows gives its bswa
+  layer's result (plain_layer: one T x T mask), two independent implementations of spec §2's relation."""
   cfg = Cfg(attention="fam", fam_len=0, mem_segments=m)
   params = ref.reference_params(cfg, 3)
-  assert "fam_prompt" not in params
+  assert "fam_prompt" not in params  # fam_len = 0: no FAM (reference_forward runs plain_layer)
   tokens = _tokens(cfg, 2, 11)
-  fam, state = ref.reference_forward(params, cfg, tokens, return_fam=True)
   bswa = ref.reference_forward(params, cfg.replace(attention="bswa"), tokens)
+  monkeypatch.setattr(ref, "_has_fam", lambda c: c.attention == "fam")  # through fam_layer instead
+  fam, state = ref.reference_forward({**params, "fam_prompt": np.zeros((0, cfg.d_model))}, cfg, tokens,
+                                     return_fam=True)
+  assert state.shape == (cfg.n_layers, 2, 0, cfg.d_model)
   np.testing.assert_allclose(fam, bswa, rtol=1e-12, atol=1e-12)
-  assert state is None
 
 
 # ---------------------------------------------------------------------------------------------------

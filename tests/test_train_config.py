@@ -186,6 +186,7 @@ def test_paper_variants():
     fam_1b.get_config("bswa_m9")
 
 
+@pytest.mark.slow
 def test_training_core_imports_neither_tensorflow_nor_the_data_package():
   import subprocess
   code = ("import sys, famjax.training.loop, famjax.training.evaluate, famjax.training.export, "
@@ -213,6 +214,7 @@ def test_data_section_types_what_the_trainer_reads_and_keeps_the_rest():
     build(config)
 
 
+@pytest.mark.slow
 def test_data_section_defaults_are_the_data_packages():
   from famjax.data import DataConfig  # TensorFlow: only in this test
   from famjax.training.config import DataSection
@@ -221,6 +223,7 @@ def test_data_section_defaults_are_the_data_packages():
       assert getattr(DataSection(), f.name) == getattr(DataConfig(), f.name), f.name
 
 
+@pytest.mark.slow
 def test_the_base_config_lists_every_field():
   """--config.X=... overrides only what configs/base.py lists: every TrainConfig and DataConfig field."""
   from famjax.data import DataConfig  # TensorFlow: only in this test

@@ -68,6 +68,7 @@ def straight(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_outputs(straight):
   records = read_history(straight / "metrics.jsonl")
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
@@ -115,6 +116,7 @@ class CrashAt:
     getattr(self.it, "close", lambda: None)()
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_reaches_the_same_losses(straight, tmp_path):
   job = tiny_job()
   with pytest.raises(KeyboardInterrupt):  # dies after step 3 ran, before it was logged or saved
@@ -125,6 +127,7 @@ def test_resume_after_a_crash_reaches_the_same_losses(straight, tmp_path):
   assert result.status == "done" and losses(tmp_path) == losses(straight)
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_skipped(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)
@@ -140,6 +143,7 @@ def test_damaged_latest_checkpoint_is_skipped(straight, tmp_path):
   assert len(list((workdir / "checkpoints_corrupt").iterdir())) == 1
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(straight, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(straight, workdir)
@@ -155,6 +159,7 @@ def test_workdir_of_another_config_is_refused(straight, tmp_path):
   assert losses(workdir) != losses(straight)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   class PoisonAtThirdBatch:
     def __init__(self, it):
@@ -180,6 +185,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_evaluate_and_export(straight, tmp_path):
   job = tiny_job()
   result = evaluate.evaluate(job, straight, lambda: SyntheticBatches(2, 32, seed=99), num_batches=3)
@@ -193,6 +199,7 @@ def test_evaluate_and_export(straight, tmp_path):
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_a_famjax_run_and_an_hf_directory(straight, tmp_path):
   trained = export.restore_params(tiny_job(), straight)[1]  # LoRA merged
   fam_job = tiny_job(**{"model.attention": "fam", "model.fam_len": 2, "lora.rank": 0,
@@ -211,6 +218,7 @@ def test_init_from_a_famjax_run_and_an_hf_directory(straight, tmp_path):
     init_from.source_model_config(tmp_path / "nothing", fam_job.model)
 
 
+@pytest.mark.slow
 def test_the_data_pipeline_resumes_exactly(tmp_path):
   from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
   job = tiny_job(**{"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0})
@@ -224,6 +232,7 @@ def test_the_data_pipeline_resumes_exactly(tmp_path):
   assert losses(tmp_path / "run") == losses(straight)
 
 
+@pytest.mark.slow
 def test_evaluation_during_training_leaves_the_training_alone(straight, tmp_path):
   job = tiny_job(eval_every=2, eval_steps=2)
   eval_batches = lambda: SyntheticBatches(2, 32, seed=99)  # noqa: E731
@@ -238,6 +247,7 @@ def test_evaluation_during_training_leaves_the_training_alone(straight, tmp_path
   np.testing.assert_allclose(records[6]["eval_accuracy"], offline["accuracy"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_tensorboard_lists(tmp_path):
   import argparse
   from tensorboard.plugins import base_plugin
@@ -251,6 +261,7 @@ def test_profile_steps_write_a_trace_tensorboard_lists(tmp_path):
   assert list(ProfilePlugin(context).generate_runs()) == [traces[0].parent.name]
 
 
+@pytest.mark.slow
 def test_evaluation_on_the_real_validation_split_leaves_the_training_alone(tmp_path):
   from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
   real = {"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0, "steps": 4}
@@ -268,17 +279,36 @@ def test_evaluation_on_the_real_validation_split_leaves_the_training_alone(tmp_p
   np.testing.assert_allclose(evals[1]["eval_loss"], offline["loss"], rtol=1e-5)
 
 
-def test_the_passkey_check_during_training_streams_famjax_evals_passkey(tmp_path):
+@pytest.mark.slow
+def test_the_passkey_check_during_training_streams_famjax_evals_passkey(tmp_path, monkeypatch):
+  """The PassKey values logged during training are famjax.eval's on the checkpoint of the same step:
+  the same examples, model and decoding, answer for answer (an untrained model's answers are arbitrary
+  strings, so they differ as soon as any of those does)."""
+  from famjax.evaluation import passkey as passkey_lib, runner
+  from famjax.evaluation.load import describe
   from famjax.train_data import TrainData  # famjax.data (TensorFlow): only here
   from famjax.train_eval import passkey_eval
   job = tiny_job(**{"data.mixture": "famjax_demo_short", "data.repeat_segment_len": 0, "steps": 2,
                     "model.attention": "fam", "model.fam_len": 2, "eval_every": 2, "eval_steps": 0,
                     "eval_passkey_lengths": "128,256", "eval_passkey_examples": 2,
                     "eval_passkey_format": "short"})
+  during = []  # the full results of the check during training (the loop logs only exact match)
+  evaluate = passkey_lib.evaluate_passkey
+  monkeypatch.setattr(passkey_lib, "evaluate_passkey", lambda *a, **k: during.append(evaluate(*a, **k))
+                      or during[-1])
   data = TrainData(job.data, job.train)
   result, _ = run(job, tmp_path, make_batches=data.batches, passkey_eval=passkey_eval(job, data))
+  monkeypatch.undo()
   assert result.status == "done"
   record = read_history(tmp_path / "metrics.jsonl")[-1]
   assert record["step"] == 2 and "eval_loss" not in record  # eval_steps=0: PassKey only
   assert {k for k in record if k.startswith("eval_passkey_")} == {"eval_passkey_128", "eval_passkey_256"}
-  assert all(record[k] in (0.0, 0.5, 1.0) for k in ("eval_passkey_128", "eval_passkey_256"))
+
+  settings = runner.Settings(passkey_lengths=(128, 256), passkey_examples=2, passkey_format="short")
+  offline = runner.run(runner.prepare([describe(tmp_path, "run")], settings), tmp_path / "eval",
+                       log=lambda _: None)["models"]["run"]
+  assert offline["info"]["step"] == 2
+  for logged, online, r in zip(("eval_passkey_128", "eval_passkey_256"), during, offline["passkey"]):
+    assert record[logged] == r["exact_match"] / 100
+    assert [p["output"] for p in online["predictions"]] == [p["output"] for p in r["predictions"]]
+  assert any(p["output"] for r in offline["passkey"] for p in r["predictions"])  # answers to compare

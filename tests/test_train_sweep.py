@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+from cli import run_main
 from famjax import sweep, sweep_report
+from testenv import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,16 +66,37 @@ def test_overrides_and_bad_sweeps(tmp_path):
   with pytest.raises(ValueError, match="unique name"):
     sweep.load_sweep(bad)
   typo = {"config": "configs/demo.py", "points": [{"name": "a", "overrides": {"model.d_modell": 8}}]}
-  with pytest.raises(ValueError, match=r"config\.model\.d_modell: unknown field"):
+  with pytest.raises(ValueError, match=r"point a: config\.model\.d_modell: unknown field"):
     sweep.validate(typo, __import__("pathlib").Path(ROOT))
 
 
+@pytest.mark.parametrize("overrides,extra,message", [
+    ({"steps": "ten"}, [], "point a: flag --config.steps=ten: invalid literal for int()"),  # wrongly typed
+    ({"model.fam_len": 1.5}, [], "point a: flag --config.model.fam_len=1.5"),
+    ({}, ["--config.steps=ten"], "point a: flag --config.steps=ten"),            # ... after `--`
+    ({}, ["--confg.steps=5"], "point a: Unknown command line flag 'confg.steps'"),  # an unknown flag
+    ({}, ["--config.eval_passkey_lengths=1k"], "point a: config.eval_passkey_lengths='1k' has no effect"),
+])
+def test_bad_overrides_and_flags_are_refused_before_any_point_starts(tmp_path, capsys, overrides, extra,
+                                                                   message):
+  """As famjax.train parses the point's command line; main exits with one line, no workdir written."""
+  spec = write_sweep(tmp_path / "s.py", [{"name": "a", "variant": "full", "overrides": overrides},
+                                         {"name": "b", "variant": "full"}])
+  with pytest.raises(ValueError) as e:
+    sweep.validate(sweep.load_sweep(spec), __import__("pathlib").Path(ROOT), extra)
+  assert message in str(e.value)
+  proc = run_main("famjax.sweep", [f"--sweep={spec}", f"--workdir={tmp_path / 'w'}", "--", *extra])
+  assert proc.returncode == 1 and proc.stderr.startswith("famjax.sweep: error: point a: ")
+  assert message in proc.stderr and proc.stderr.count("\n") == 1 and not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
 def test_dry_run_prints_every_command_through_a_launcher():
   out = subprocess.run([sys.executable, "-m", "famjax.sweep", "--sweep=configs/sweeps/table11.py",
                         "--workdir=/tmp/w", "--dry_run",
                         "--launcher=python launch/local.py --num_processes 2 --",
                         "--", "--config.steps=5"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       env=subprocess_env())
   assert out.returncode == 0, out.stderr
   lines = out.stdout.splitlines()
   assert len(lines) == 9
@@ -89,10 +112,8 @@ TINY = {"steps": 3, "log_every": 1, "checkpoint_every": 3, "tensorboard": False,
 
 
 def run_sweep(sweep_file, workdir, *flags, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-  env.pop("XLA_FLAGS", None)
   return subprocess.run([sys.executable, "-m", "famjax.sweep", f"--sweep={sweep_file}",
-                         f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True,
+                         f"--workdir={workdir}", *flags], cwd=ROOT, env=subprocess_env(), capture_output=True,
                         text=True, timeout=timeout)
 
 
@@ -106,6 +127,7 @@ def results(workdir):
   return {p["name"]: p for p in json.loads((workdir / "sweep.json").read_text())["points"]}
 
 
+@pytest.mark.slow
 def test_parallel_sweep_reports_every_point_and_a_failed_one(tmp_path):
   spec = write_sweep(tmp_path / "s.py", [{"name": n, "variant": "full", "overrides": {"seed": s}}
                                          for n, s in (("broken", 3), ("a", 1), ("b", 2))], TINY)
@@ -137,6 +159,7 @@ def test_parallel_sweep_reports_every_point_and_a_failed_one(tmp_path):
   assert a["started"] < b["finished"] and b["started"] < a["finished"]  # side by side
 
 
+@pytest.mark.slow
 def test_launcher_starts_every_point_at_once_and_bad_input(tmp_path):
   spec = write_sweep(tmp_path / "s.py", [{"name": n} for n in ("p", "q", "r")])
   work = tmp_path / "w"

@@ -59,6 +59,7 @@ def test_a_missing_step_and_no_checkpoint_are_one_line_errors(lora_run, tmp_path
     workdir_model.restore_params(tmp_path)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_skipped_and_left_in_place(lora_run, tmp_path):
   copy = tmp_path / "run"
   shutil.copytree(lora_run, copy)

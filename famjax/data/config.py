@@ -55,19 +55,20 @@ class DataConfig:
     too_long: "truncate" (keep the end of the prompt and the start of the answer) or "skip" an example
       longer than what a row can hold; either way it is counted in BatchIterator.stats().
     seed: seeds generation, shuffling, mixing and the repeated segment; same seed, same batches.
-    shuffle_buffer: examples in each task's shuffle buffer for the train split of file sources.
+    shuffle_buffer: examples in each task's shuffle buffer for the train split of file sources, in the
+      stream (store="stream"); a store's plan reads every pass in a full permutation instead.
     tfds_data_dir: where prepared TFDS datasets live; "" means $TFDS_DATA_DIR or ~/tensorflow_datasets.
-    prefetch: batches prepared ahead in a background thread; 0 prepares them on the caller's thread.
-    store: where the training rows are materialised (famjax.data.store; docs/data.md): "" = the default
-      directory ($FAMJAX_DATA_STORES, else ~/.cache/famjax/stores, then a folder named after the mixture
-      and the config's fingerprint), a directory path, or "stream" for no store (each host streams its
-      own shard and a restore replays; resumes only on the same process layout). Where the rows are,
-      not what they are: it is not part of the fingerprint.
-    store_rows: rows the store holds. 0: a finite mixture (files, TFDS) stores one whole pass, read in
-      order, then again in a new order each epoch; an endless one (the generated famjax_demo and PassKey
-      tasks) stores the first rows of its stream, as many as the run reads (extended when a run reads
-      more), never repeated: the rows a one-process stream gives. n > 0: the first n rows, read in
-      epochs (an endless mixture repeats after n rows).
+    prefetch: batches read ahead (the store: by as many Grain threads; the stream: by a background
+      thread); 0 reads them on the caller's thread.
+    store: where the data store lives (famjax.data.store; docs/data.md: the tasks' examples tokenized
+      once, and the packing plans over them): "" = $FAMJAX_DATA_STORES, else ~/.cache/famjax/stores; a
+      directory or a URI (gs://bucket/stores); or "stream" for no store (each host streams its own shard
+      and a restore replays; resumes only on the same process layout). Where the rows are, not what
+      they are: it is not part of the fingerprint.
+    store_rows: 0 (default): training reads the plan's rows in order, each once (the plan covers the
+      rows the run reads: a finite mixture cycles through its tasks' examples, pass after pass, at their
+      rates; an endless one's rows are all new). n > 0: only the plan's first n rows, read in epochs (a
+      new order each epoch).
   """
 
   mixture: str = "famjax_demo"

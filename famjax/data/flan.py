@@ -13,6 +13,10 @@ names it (checked before training starts), never a silent empty stream.
 Records are sharded by their index in the source (all records, good or bad, in file order), so hosts
 read disjoint shards that together are the whole source. Few-shot exemplars are the previous valid
 records of the same shard; they are part of the prompt (loss weight 0 under the paper's recipe).
+
+Tokenized once (famjax.data.tokenize), a source is read in units, one output file each: consecutive
+input files grouped to at least UNIT_BYTES (a large file is a unit of its own), or one shard of a TFDS
+split. Few-shot exemplars then come from the same unit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Iterator, Optional, Union
 from famjax.data.config import DataConfig
 from famjax.data.stats import SourceStats
 from famjax.data.tensorflow_setup import tf, tfds
+
+UNIT_BYTES = 64 << 20  # input bytes per tokenization unit (consecutive files grouped up to this)
 
 Record = Union[bytes, dict]  # a JSONL line or a serialized tf.train.Example, or a TFDS example
 Parsed = Union[tuple[str, str], str]  # (inputs, targets), or the kind of a bad record
@@ -76,17 +82,61 @@ def records(path: str, split: str) -> Iterator[Record]:
   """Every record of a source in order (bad ones included, blank JSONL lines not)."""
   kind = source_format(path)
   if kind == "tfds":
-    builder = tfds.builder_from_directory(path)
-    yield from tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    yield from _tfds_records(path, split)
     return
   for file in source_files(path):
-    if kind == "tfrecord":
-      yield from _tfrecords(file)
-    else:
-      with tf.io.gfile.GFile(file, "rb") as f:
-        for line in f:
-          if line.strip():
-            yield line
+    yield from _file_records(file, kind)
+
+
+def _tfds_records(path: str, split: str) -> Iterator[Record]:
+  builder = tfds.builder_from_directory(path)
+  yield from tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+
+
+def _file_records(file: str, kind: str) -> Iterator[Record]:
+  if kind == "tfrecord":
+    yield from _tfrecords(file)
+    return
+  with tf.io.gfile.GFile(file, "rb") as f:
+    for line in f:
+      if line.strip():
+        yield line
+
+
+def file_groups(files: list[str]) -> list[list[str]]:
+  """Consecutive files grouped until a group holds UNIT_BYTES of input (tokenization units)."""
+  groups, current, held = [], [], 0
+  for file in files:
+    current.append(file)
+    held += tf.io.gfile.stat(file).length
+    if held >= UNIT_BYTES:
+      groups.append(current)
+      current, held = [], 0
+  if current:
+    groups.append(current)
+  return groups
+
+
+def unit_names(path: str):
+  """famjax.data.sources.UnitNamesFn of a source: its file groups (each named by the JSON list of its
+  files, so a worker reads exactly the files the driver grouped), or its TFDS split's shards."""
+
+  def names(split: str) -> list[str]:
+    if source_format(path) == "tfds":
+      shards = tfds.builder_from_directory(path).info.splits[split].num_shards
+      return [f"{split}[{k}shard:{k + 1}shard]" for k in range(shards)]
+    return [json.dumps(group) for group in file_groups(source_files(path))]
+
+  return names
+
+
+def _unit_records(path: str, unit: str) -> Iterator[Record]:
+  kind = source_format(path)
+  if kind == "tfds":
+    yield from _tfds_records(path, unit)
+    return
+  for file in json.loads(unit):
+    yield from _file_records(file, kind)
 
 
 def _tfrecords(file: str) -> Iterator[bytes]:
@@ -169,24 +219,40 @@ def make_examples(task: str, path: str, fmt: FlanFormat):
   def make(split: str, seed: int, shard_index: int, num_shards: int, stats: SourceStats
            ) -> Iterator[tuple[str, str]]:
     del seed  # file order; the task's shuffle buffer mixes it
-    exemplars: collections.deque = collections.deque(maxlen=fmt.few_shot or 1)
-    kind, valid = source_format(path), 0
-    for i, record in enumerate(records(path, split)):
-      if i % num_shards != shard_index:
-        continue
-      stats.add(task, "read")
-      parsed = parse(record, fmt, kind)
-      if isinstance(parsed, str):
-        stats.add(task, f"skipped_{parsed}")
-        continue
+    valid = 0
+    selected = (r for i, r in enumerate(records(path, split)) if i % num_shards == shard_index)
+    for example in _examples(task, selected, fmt, source_format(path), stats):
       valid += 1
-      yield format_example(parsed, list(exemplars) if fmt.few_shot else [], fmt)
-      exemplars.append(parsed)
+      yield example
     if not valid:
       raise ValueError(f"source {task!r} ({path}) yielded no valid record in shard {shard_index} of "
                        f"{num_shards}")
 
   return make
+
+
+def unit_examples(task: str, path: str, fmt: FlanFormat):
+  """The famjax.data.sources.UnitExamplesFn of a user source: the examples of one unit, in order."""
+
+  def make(split: str, seed: int, unit: str, stats: SourceStats) -> Iterator[tuple[str, str]]:
+    del split, seed  # the unit names its split's shard or files
+    yield from _examples(task, _unit_records(path, unit), fmt, source_format(path), stats)
+
+  return make
+
+
+def _examples(task: str, selected: Iterator[Record], fmt: FlanFormat, kind: str, stats: SourceStats
+              ) -> Iterator[tuple[str, str]]:
+  """(prompt, answer) of every valid record; bad ones counted (skipped_<why>) and skipped."""
+  exemplars: collections.deque = collections.deque(maxlen=fmt.few_shot or 1)
+  for record in selected:
+    stats.add(task, "read")
+    parsed = parse(record, fmt, kind)
+    if isinstance(parsed, str):
+      stats.add(task, f"skipped_{parsed}")
+      continue
+    yield format_example(parsed, list(exemplars) if fmt.few_shot else [], fmt)
+    exemplars.append(parsed)
 
 
 def preflight(task: str, path: str, fmt: FlanFormat):

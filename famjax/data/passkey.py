@@ -195,15 +195,28 @@ def make_train_total_examples(totals: tuple[int, ...], vocabulary, fmt: PasskeyF
 
 def _endless(salt: int, draw):
   """ExampleFn of an endless stream: example `i` is draw(rng of (seed, salt, split, i)), whatever the
-  sharding."""
-  def make(split: str, seed: int, shard_index: int, num_shards: int, stats) -> Iterator[tuple[str, str]]:
+  sharding; `.range(split, seed, start, stop)` gives examples start, ..., stop - 1 (tokenization units)."""
+  return _EndlessExamples(salt, draw)
+
+
+class _EndlessExamples:
+  def __init__(self, salt: int, draw):
+    self._salt, self._draw = salt, draw
+
+  def _example(self, split: str, seed: int, index: int) -> tuple[str, str]:
+    return self._draw(np.random.default_rng([seed, self._salt, zlib.crc32(split.encode()), index]))
+
+  def __call__(self, split: str, seed: int, shard_index: int, num_shards: int, stats
+               ) -> Iterator[tuple[str, str]]:
     del stats
     index = shard_index
     while True:
-      yield draw(np.random.default_rng([seed, salt, zlib.crc32(split.encode()), index]))
+      yield self._example(split, seed, index)
       index += num_shards
 
-  return make
+  def range(self, split: str, seed: int, start: int, stop: int) -> Iterator[tuple[str, str]]:
+    for index in range(start, stop):
+      yield self._example(split, seed, index)
 
 
 def make_eval_examples(total_tokens: int, vocabulary, n_examples: int = EVAL_EXAMPLES,

@@ -159,7 +159,7 @@ class BatchIterator:
         raise ValueError(
             f"iterator state does not match this pipeline: {key} is {state.get(key)!r} in the state "
             f"and {expected[key]!r} here (resuming a stream needs the same data config, seed, batch "
-            "size and process layout; a run that reads a row store, famjax.data.store, resumes on "
+            "size and process layout; a run that reads the data store, famjax.data.store, resumes on "
             "any layout)")
     batches, origin = state.get("batches"), state.get("origin")
     if not isinstance(batches, int) or not isinstance(origin, int) or not 0 <= origin <= batches:
@@ -273,7 +273,7 @@ def _examples(ds: tf.data.Dataset, mixture: str) -> Iterator[tuple[np.ndarray, i
 class PackedRows:
   """The packed rows of one host's shard of a split, in stream order (an iterable of row dicts):
   seqio reads, tokenises and mixes (ShardInfo(process_index, process_count)), the Packer packs. The
-  streaming pipeline batches them; famjax.data.store writes those of process 0 of 1 to disk."""
+  streaming pipeline batches them (famjax.data.store tokenizes and plans instead)."""
 
   def __init__(self, config: DataConfig, split: str, seed: int, process_index: int = 0,
                process_count: int = 1, num_epochs: Optional[int] = None):

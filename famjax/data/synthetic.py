@@ -148,6 +148,16 @@ def example(task: str, seed: int, split: str, index: int, context: ContextRange)
   return TASKS[task](rng, int(rng.integers(context.low, context.high + 1)))
 
 
+def make_range(task: str, context: ContextRange):
+  """Examples start, ..., stop - 1 of a task's training stream (famjax.data.sources.RangeExamplesFn)."""
+
+  def make(split: str, seed: int, start: int, stop: int) -> Iterator[tuple[str, str]]:
+    for i in range(start, stop):
+      yield example(task, seed, split, i, context)
+
+  return make
+
+
 def make_examples(task: str, context: ContextRange):
   """The famjax.data.sources.ExampleFn of a task: endless for train, VALIDATION_EXAMPLES otherwise."""
 

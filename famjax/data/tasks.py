@@ -19,6 +19,10 @@ earlier registration (famjax's own only; a name some other code registered is an
 Every task emits `inputs` (prompt ids, no EOS), `targets` (answer ids + EOS) and `task` (its name, so
 the packer can count truncations per source); the GPT-3 tasks add the features their scoring reads
 (options and label, or the reference answers).
+
+`tokenization_identity(task, seed)` says what a task's tokenized training examples depend on (its
+source, text format, vocabulary contents, seed where examples are generated): the fingerprint of its
+example store (famjax.data.tokenize). Rates, packing and loss weights are not in it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from famjax.data.vocab import get_vocabulary, vocab_key
 _LOCK = threading.RLock()
 _OURS: dict[tuple[str, str], tuple[Hashable, Any]] = {}  # (kind, name) -> (definition, provider)
 _BUILTINS_FOR: set[str] = set()  # vocabularies whose built-ins are registered
+# task name -> what its examples are (source, format; not rates or shuffling): famjax.data.tokenize's key
+_EXAMPLES_OF: dict[str, Hashable] = {}
 
 
 def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
@@ -83,13 +89,17 @@ def _add_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> None:
 
 def _python_task(name, vocab_spec, definition, make_examples, splits, *, shuffled=True,
                  num_examples=None, preflight=None, shuffle_buffer=None, metric_fns=(),
-                 postprocess_fn=None, endless=()):
+                 postprocess_fn=None, endless=(), examples=None, unit_names=None, unit_examples=None,
+                 range_examples=None):
+  """examples: what the examples are (default: `definition`), for tokenization_identity."""
   source = PythonSource(make_examples, splits, num_input_examples=num_examples, shuffled=shuffled,
-                        preflight=preflight, endless=endless)
+                        preflight=preflight, endless=endless, unit_names=unit_names,
+                        unit_examples=unit_examples, range_examples=range_examples)
   _add_task(name, (vocab_spec,) + definition, source=source,
             output_features=output_features(get_vocabulary(vocab_spec)),
             preprocessors=text_preprocessors(name), postprocess_fn=postprocess_fn,
             metric_fns=list(metric_fns), shuffle_buffer_size=shuffle_buffer)
+  _EXAMPLES_OF[name] = (vocab_spec,) + (definition if examples is None else examples)
 
 
 # -- built-ins -------------------------------------------------------------------------------------
@@ -111,7 +121,8 @@ def register_synthetic_mixture(name: str, context: synthetic.ContextRange,
     _python_task(task_name, vocabulary, ("synthetic", task, context),
                  synthetic.make_examples(task, context), ("train", "validation"),
                  num_examples={"validation": synthetic.VALIDATION_EXAMPLES},
-                 metric_fns=[metrics.exact_match], endless=("train",))
+                 metric_fns=[metrics.exact_match], endless=("train",),
+                 range_examples=synthetic.make_range(task, context))
     tasks.append((task_name, 1.0))
   _add_mixture(name + suffix, tasks)
   return name + suffix
@@ -141,13 +152,15 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
   for name, context in synthetic.DEMO_MIXTURES.items():
     register_synthetic_mixture(name, context, vocabulary)
   for name, (filler_tokens, fmt) in passkey.TRAIN_TASKS.items():
-    _python_task(name + suffix, vocabulary, ("passkey_train", filler_tokens, fmt.name),
-                 passkey.make_train_examples(filler_tokens, vocab, fmt), ("train",),
-                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess, endless=("train",))
+    examples = passkey.make_train_examples(filler_tokens, vocab, fmt)
+    _python_task(name + suffix, vocabulary, ("passkey_train", filler_tokens, fmt.name), examples,
+                 ("train",), metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess,
+                 endless=("train",), range_examples=examples.range)
   for name, (totals, fmt) in passkey.TRAIN_TOTAL_TASKS.items():
-    _python_task(name + suffix, vocabulary, ("passkey_train_total", totals, fmt.name),
-                 passkey.make_train_total_examples(totals, vocab, fmt), ("train",),
-                 metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess, endless=("train",))
+    examples = passkey.make_train_total_examples(totals, vocab, fmt)
+    _python_task(name + suffix, vocabulary, ("passkey_train_total", totals, fmt.name), examples,
+                 ("train",), metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess,
+                 endless=("train",), range_examples=examples.range)
   for name, total in passkey.EVAL_LENGTHS.items():
     _python_task(name + suffix, vocabulary, ("passkey_eval", total, passkey.EVAL_EXAMPLES),
                  passkey.make_eval_examples(total, vocab), ("validation",),
@@ -196,7 +209,9 @@ def register_sources(config: DataConfig) -> str:
     name = f"{config.mixture}_{task_name}{suffix}"
     _python_task(name, config.vocabulary, ("flan", path, fmt, config.shuffle_buffer),
                  flan.make_examples(name, path, fmt), flan.splits(path), shuffled=False,
-                 preflight=flan.preflight(name, path, fmt), shuffle_buffer=config.shuffle_buffer)
+                 preflight=flan.preflight(name, path, fmt), shuffle_buffer=config.shuffle_buffer,
+                 examples=("flan", path, fmt), unit_names=flan.unit_names(path),
+                 unit_examples=flan.unit_examples(name, path, fmt))
     tasks.append((name, rate))
   _add_mixture(config.mixture + suffix, tasks)
   return config.mixture + suffix
@@ -234,3 +249,28 @@ def famjax_task(task: seqio.Task) -> bool:
   """Whether famjax registered the task (so it emits the `task` feature)."""
   return _is_ours("task", task.name)
 
+
+def rates_of(name: str) -> list[tuple[str, float]]:
+  """(task name, mixing rate) of a mixture's tasks (a task alone: rate 1), in the mixture's order."""
+  provider = seqio.get_mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    return [(task.name, float(provider.get_rate(task))) for task in provider.tasks]
+  return [(provider.name, 1.0)]
+
+
+def tokenization_identity(task: seqio.Task, seed: int) -> dict[str, Any]:
+  """What a task's tokenized training examples depend on (see the module docstring), JSON-able.
+
+  famjax's tasks: their source and text format (as registered) and, for generated ones, the seed. A
+  task registered by other code: its name, source class and shards, and the seed (its preprocessors
+  may draw from it); change its name, or rebuild (famjax.data.prepare --rebuild), when its code changes.
+  """
+  examples = _EXAMPLES_OF.get(task.name) if famjax_task(task) else None
+  if examples is not None:
+    what = repr(examples)
+    seed_used = None if examples[1] == "flan" else seed  # files: the seed draws nothing
+  else:
+    what = f"{type(task.source).__module__}.{type(task.source).__qualname__}: " \
+           f"{list(task.source.list_shards('train'))}"
+    seed_used = seed
+  return {"task": task.name, "examples": what, "seed": seed_used}

@@ -54,9 +54,11 @@ REMAT_POLICIES = ("none", *REMAT)
 OFFLOAD_POLICIES = ("offload_dots_no_batch", "offload_qkv_proj")
 
 # How the block attention computes softmax(q.k) v (`ModelConfig.attention_impl`): "xla" is
-# famjax.model.layers.attend, the reference; "cudnn" is jax.nn.dot_product_attention's cuDNN fused kernel
-# (GPU only, bfloat16/float16 only), through famjax.model.layers.dot_product_attention.
-ATTENTION_IMPLS = ("xla", "cudnn")
+# famjax.model.layers.attend, the reference; "pallas" is famjax.model.pallas_attention, a flash-attention
+# kernel for TPUs that takes the same mask (Pallas' interpret mode elsewhere, for the tests; float32 or
+# bfloat16); "cudnn" is jax.nn.dot_product_attention's cuDNN fused kernel (GPU only, bfloat16/float16
+# only), through famjax.model.layers.dot_product_attention.
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 
 
 def _as_dtype(name: str, value: Any) -> Any:
@@ -106,9 +108,13 @@ class ModelConfig:
       gradient that recomputes each group's activations and sums the weights' gradient over the groups
       in float32 (famjax.model.fam.chunked_mlp). Same outputs; it changes memory, not the math.
     attention_impl: the kernel of the bswa/fam block attention and of full attention's query chunks, one
-      of ATTENTION_IMPLS: "xla" (famjax.model.layers.attend, the reference) or "cudnn"
+      of ATTENTION_IMPLS: "xla" (famjax.model.layers.attend, the reference), "pallas"
+      (famjax.model.pallas_attention: a Pallas flash-attention kernel for TPUs with the same mask and
+      result, a tile of queries x keys at a time, masked tiles skipped; dtype bfloat16 or float32; on
+      anything but a TPU it runs in Pallas' interpret mode, slowly: for tests) or "cudnn"
       (jax.nn.dot_product_attention's fused cuDNN kernel: GPU only, and dtype bfloat16 or float16). The
-      platform is checked where a job is built (famjax.training.config.check_platform), not here.
+      FAM update's F-row attention and the prompt pass always use "xla". The platform is checked where a
+      job is built (famjax.training.config.check_platform), not here.
     init_std: standard deviation of the random initialisation of weight matrices and embeddings; None
       (the default) scales it to the width, d_model ** -0.5 (fan-in scaling of the projections that read
       the residual stream), which is 0.125 at d_model 64 and 0.0156 at 4096. A fixed 0.02 (GPT-2's) is
@@ -237,6 +243,9 @@ class ModelConfig:
     if self.attention_impl == "cudnn" and self.dtype not in ("bfloat16", "float16"):
       raise ValueError(f"ModelConfig.attention_impl='cudnn' needs dtype bfloat16 or float16 (cuDNN's fused "
                        f"attention has no {self.dtype} kernel), got dtype={self.dtype!r}")
+    if self.attention_impl == "pallas" and self.dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"ModelConfig.attention_impl='pallas' needs dtype bfloat16 or float32 (the TPU kernel's "
+                       f"matrix units take no {self.dtype}), got dtype={self.dtype!r}")
 
   def _check_ablations(self) -> None:
     """The ablation switches (docs/ablations.md): values, and combinations that would mean nothing."""

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from famjax.model import lora
+from famjax.model import lora, pallas_attention
 from famjax.model.config import ModelConfig
 from famjax.model.layers import attend, dot_product_attention, rms_norm, rope, swiglu
 
@@ -104,9 +104,12 @@ def fam_positions(cfg: ModelConfig) -> jax.Array:
 
 
 def _attention(cfg: ModelConfig) -> Callable:
-  """The attention kernel of the block and full attention: `attend` or a fused one (attention_impl)."""
+  """The attention kernel of the block and full attention (attention_impl): `attend`, the Pallas kernel
+  (famjax.model.pallas_attention, the same contract and mask) or a fused one."""
   if cfg.attention_impl == "xla":
     return attend
+  if cfg.attention_impl == "pallas":
+    return pallas_attention.attend
   return functools.partial(dot_product_attention, implementation=cfg.attention_impl)
 
 

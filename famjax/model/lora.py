@@ -40,13 +40,14 @@ def merge_layer(p: dict, dtype) -> dict:
 
 
 def merge(params: dict, adapters: dict, scale: float, dtype=None) -> dict:
-  """params with every adapted weight replaced by W + scale * A @ B (in `dtype`, default W's dtype).
+  """params with every adapted weight replaced by W + scale * A @ B (in `dtype`; default the wider of
+  W's and the adapters' dtypes: a bfloat16 base with float32 adapters merges in float32).
 
   `adapters`: {target name: {"a": A, "b": B}} for targets among params["layers"]."""
   layers = dict(params["layers"])
   for name, ab in adapters.items():
     w = jnp.asarray(layers[name])
-    dt = w.dtype if dtype is None else dtype
+    dt = jnp.promote_types(w.dtype, jnp.asarray(ab["a"]).dtype) if dtype is None else dtype
     layers[name] = w.astype(dt) + delta(ab["a"], ab["b"], scale, w.shape, dt)
   return {**params, "layers": layers}
 
@@ -56,7 +57,11 @@ def merge_trained(trainable: dict, frozen: dict, scale: float, dtype=None, in_sc
   the frozen base, the weights trained in full (`fam_prompt`; the FAM write gate's layer weights and the
   fam_init="prefix" ablation's `fam_prefix`, both under "fam_gate") put back in place, and the adapters
   merged; with `in_scan`, left for the model to merge a layer at a time (params["layers"][IN_SCAN], B
-  scaled)."""
+  scaled). Without `dtype`, every parameter comes out in the trained arrays' dtype (float32), also when
+  the frozen base is kept narrower (bfloat16): the model's parameter dict in its storage dtype."""
+  if dtype is None and not in_scan and trainable.get("lora"):
+    storage = jax.tree.leaves(trainable["lora"])[0].dtype
+    frozen = jax.tree.map(lambda w: jnp.asarray(w).astype(jnp.promote_types(w.dtype, storage)), frozen)
   params = dict(frozen)
   if "fam_prompt" in trainable:
     params["fam_prompt"] = trainable["fam_prompt"]

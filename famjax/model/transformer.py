@@ -73,6 +73,23 @@ def _unconstrained(x: jax.Array, names: tuple) -> jax.Array:
   return x
 
 
+def gathered_layer(p: dict, constrain: Constrain) -> dict:
+  """One layer's weights (a slice of params["layers"], adapters merged) whole along "embed", the axis FSDP
+  splits: gathered once where the layer starts, so that the loops inside a layer that read them again
+  (the FAM scan over blocks, mlp_chunk's token groups) do not each gather them anew (the TPU compiler
+  had put the gathers inside those loops: 9 gathers of every 1B layer's weights per pass, one per block).
+  Only the forward is pinned: the gradients flow back as XLA places them (reduce-scattered into the
+  parameters' sharding), not forced whole onto every device."""
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+  def gather(w, names):
+    return constrain(w, names)
+
+  gather.defvjp(lambda w, names: (constrain(w, names), None), lambda names, _, cotangent: (cotangent,))
+  axes = params_lib.LOGICAL_AXES["layers"]
+  return {name: gather(w, tuple(None if a == "embed" else a for a in axes[name][1:])) if name in axes else w
+          for name, w in p.items()}
+
+
 def prompt_fam(params: dict, cfg: ModelConfig) -> jax.Array:
   """Each layer's initial FAM [L, F, D] ([L, 0, D] without FAM): from the learned prompt (spec §4), or
   with ModelConfig.fam_init="prefix" (**[famjax ablation]**) the learned per-layer `layers/fam_prefix`
@@ -170,6 +187,8 @@ def forward(params: dict, cfg: ModelConfig, tokens: jax.Array, state: StreamStat
 
   def layer(x, p, ctx, info):
     p = jax.tree.map(lambda w: w.astype(dtype), lora.merge_layer(p, dtype))
+    if constrain is not _unconstrained:  # on a mesh
+      p = gathered_layer(p, constrain)
     x, ctx = decoder_layer(p, cfg, constrain(x, ACTIVATION_AXES), ctx, info, max_pending)
     return constrain(x, ACTIVATION_AXES), ctx
 

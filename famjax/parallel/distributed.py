@@ -377,6 +377,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   return spec
 
 
+def shutdown() -> None:
+  """Leave a multi-process job together, at the end of a run that succeeded on every process: each one
+  enters jax's shutdown barrier now, before Python tears the interpreter down. Left to jax's exit hook,
+  process 0 can stop the coordination service it hosts while another process is still tearing down;
+  that process's background calls to the service then fail and jax aborts it ("Terminating process
+  because the JAX distributed service detected fatal errors ... CoordinationService", exit 134), so a job
+  that finished is reported as failed. Not after an error on one process: that one must exit at once, not
+  wait in a barrier for the others. Nothing for a single process."""
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()
+
+
 # --- config agreement ---------------------------------------------------------------------------------
 
 def _as_dict(config) -> Mapping:

@@ -276,14 +276,49 @@ def job_config(config: Mapping[str, Any], vocab_size: int | None = None,
   return JobConfig(model=model, train=train, data=data, **sections)
 
 
+def check_evaluation(train: TrainConfig) -> None:
+  """ConfigError naming the first evaluation field that would do nothing in this run: an eval_* field
+  set (not its default) when nothing evaluates during training (eval_every=0), eval_mixture when no loss
+  is evaluated (eval_steps=0), the PassKey settings without PassKey lengths, and eval_every > 0 with
+  nothing to evaluate. famjax.train and famjax.sweep call it on the user's config before anything
+  compiles; job_config does not, so a saved config.json still loads as it was written."""
+  default = TrainConfig()
+
+  def is_set(name):
+    return getattr(train, name) != getattr(default, name)
+
+  if not train.evaluates:
+    for name in ("eval_steps", "eval_mixture", "eval_passkey_lengths", "eval_passkey_examples",
+                 "eval_passkey_format"):
+      if is_set(name):
+        raise ConfigError(f"config.{name}={getattr(train, name)!r} has no effect with eval_every=0 "
+                          "(nothing evaluates during training): set config.eval_every, or leave it out")
+    return
+  if not train.eval_steps and not train.eval_passkey_lengths:
+    raise ConfigError(f"config.eval_every={train.eval_every} evaluates nothing: eval_steps=0 (no loss) "
+                      "and eval_passkey_lengths='' (no PassKey); set one of them, or eval_every=0")
+  if not train.eval_steps and is_set("eval_mixture"):
+    raise ConfigError(f"config.eval_mixture={train.eval_mixture!r} has no effect with eval_steps=0 (no "
+                      "loss evaluation, PassKey only)")
+  if not train.eval_passkey_lengths:
+    for name in ("eval_passkey_examples", "eval_passkey_format"):
+      if is_set(name):
+        raise ConfigError(f"config.{name}={getattr(train, name)!r} has no effect without "
+                          "eval_passkey_lengths (no PassKey evaluation)")
+
+
 def check_platform(model: ModelConfig, backend: str) -> None:
   """ConfigError when the model asks for what `backend` ("cpu", "gpu", "tpu": jax.default_backend())
-  cannot run: the cuDNN attention off GPU, a host-offload remat policy on CPU (whose host memory is its
+  cannot run: the cuDNN attention off GPU, the Pallas attention on GPU (a TPU kernel; CPU runs it in
+  Pallas' interpret mode, which the tests use), a host-offload remat policy on CPU (whose host memory is its
   device memory: JAX drops the transfers there, so the policy would keep everything on the device).
   ModelConfig itself is platform-independent; the job calls this before it compiles."""
   if model.attention_impl == "cudnn" and backend != "gpu":
     raise ConfigError(f"config.model.attention_impl='cudnn' needs a GPU (this job runs on {backend}); "
                       "use 'xla'")
+  if model.attention_impl == "pallas" and backend == "gpu":
+    raise ConfigError("config.model.attention_impl='pallas' is a TPU kernel (this job runs on gpu, where it "
+                      "would run in Pallas' interpret mode); use 'cudnn' or 'xla'")
   if model.remat in OFFLOAD_POLICIES and backend not in ("gpu", "tpu"):
     raise ConfigError(f"config.model.remat={model.remat!r} offloads to host memory, which only GPU and TPU "
                       f"have (this job runs on {backend}); use 'full' or 'save_qkv_proj'")

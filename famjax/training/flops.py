@@ -164,3 +164,54 @@ def machine_peak(devices=None) -> tuple[float, str]:
 def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
   """Model FLOPs utilisation: achieved model FLOP/s over the peak."""
   return flops_per_step / step_seconds / peak if step_seconds > 0 and peak > 0 else 0.0
+
+
+# -- the FLOPs a program runs ----------------------------------------------------------------------------
+#
+# Model FLOPs (above) are what the architecture needs; a training step runs more: remat recomputes the
+# forward, attention_chunk's groups and mlp_chunk's backward recompute their scores and activations, the
+# tiled loss recomputes its logits. `executed_matmul_flops` counts them from the traced program, each loop
+# body times its trip count (XLA's cost_analysis counts a loop body once).
+
+def _dot_flops(eqn) -> float:
+  """2 x batch x free(lhs) x free(rhs) x contracted of a dot_general: 2 x |lhs| x free(rhs)."""
+  lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+  (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+  rhs_free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+  return 2.0 * float(np.prod(lhs)) * float(np.prod(rhs_free))
+
+
+def _sub_jaxprs(params: dict):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      inner = getattr(item, "jaxpr", item)
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
+def executed_matmul_flops(jaxpr) -> float:
+  """FLOPs of every matrix product (dot_general) a jaxpr runs, as often as it runs it: a scan's body
+  `length` times, a cond's most expensive branch, a shard_map's body once per device of its manual axes,
+  a Pallas kernel once per program of its grid (a kernel that skips blocks at run time is counted in
+  full), a while loop's body once (its trip count is not in the jaxpr; famjax's step has none)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      total += _dot_flops(eqn)
+    elif name == "scan":
+      total += eqn.params["length"] * executed_matmul_flops(eqn.params["jaxpr"])
+    elif name == "cond":
+      total += max(executed_matmul_flops(branch) for branch in eqn.params["branches"])
+    elif name == "pallas_call":
+      grid = eqn.params["grid_mapping"].grid
+      total += float(np.prod([g for g in grid if isinstance(g, int)])) * executed_matmul_flops(
+          eqn.params["jaxpr"])
+    elif name == "shard_map":
+      mesh = eqn.params["mesh"]
+      devices = np.prod([mesh.shape[a] for a in eqn.params.get("manual_axes", mesh.axis_names)])
+      total += float(devices) * sum(executed_matmul_flops(j) for j in _sub_jaxprs(eqn.params))
+    else:
+      total += sum(executed_matmul_flops(j) for j in _sub_jaxprs(eqn.params))
+  return total

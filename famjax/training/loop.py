@@ -38,6 +38,7 @@ from famjax.training import evaluate as evaluate_lib
 from famjax.training import flops as flops_lib
 from famjax.training import init_from, metrics as metrics_lib
 from famjax.training.config import ConfigError, JobConfig, incompatible_fields
+from famjax.training.memory import StepDoesNotFit
 from famjax.training.state import TrainState
 from famjax.training.trainer import Trainer
 from famjax.workdir import WorkdirError, layout
@@ -94,7 +95,7 @@ def saved_positions(position: dict) -> dict:
 def own_position(saved: dict | None) -> dict | None:
   """This process's data position from a checkpoint's `data` item. After a change in the number of
   processes it is process 0's: the data source decides whether it can continue from it (the synthetic
-  stream and famjax.data's row store can: their position is global; famjax.data's per-host stream
+  stream and famjax.data's planned rows can: their position is global; famjax.data's per-host stream
   refuses another process layout)."""
   if not saved or "process_positions" not in saved:
     return saved  # a checkpoint written before positions were gathered (one process's)
@@ -150,7 +151,11 @@ def run(job: JobConfig, workdir, make_batches: Callable[[dict | None], Iterator]
 
   say(f"compiling the train step ({job.model.attention}, {jax.device_count()} device(s), mesh "
       f"{dict(trainer.mesh.shape)}) ...")
-  say(f"compiled in {trainer.compile():.1f} s")
+  try:
+    say(f"compiled in {trainer.compile():.1f} s")
+  except StepDoesNotFit as e:  # the command it names reads this run's config.json
+    ckpt.close()
+    raise ConfigError(e.describe(str(workdir / layout.CONFIG))) from None
   memory = trainer.memory_summary()
   if memory:
     say(memory)

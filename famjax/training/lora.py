@@ -9,8 +9,8 @@ a plain parameter dict for `famjax.Transformer(cfg, params=...)` or `famjax.to_h
 The parameters are split into what the optimizer trains and what stays frozen:
   LoRA:  trainable = {"lora": {name: {"a", "b"}}, "fam_prompt" (when the model has FAM), "fam_gate": {the
          layers' write-gate weights (with ModelConfig.fam_gate) and `fam_prefix` (with
-         fam_init="prefix")}}; frozen = the rest. The weights a
-         pretrained decoder lacks are trained in full.
+         fam_init="prefix")}}, in float32; frozen = the rest, kept in the model's compute dtype (bfloat16
+         in the paper configs; `split`). The weights a pretrained decoder lacks are trained in full.
   full:  trainable = every parameter; frozen = {}
 """
 
@@ -96,11 +96,17 @@ def init_adapters(layers: dict, cfg: LoraConfig, key: jax.Array) -> dict:
   return out
 
 
-def split(params: dict, cfg: LoraConfig, key: jax.Array) -> tuple[dict, dict]:
-  """(trainable, frozen) of fresh parameters, see the module docstring."""
+def split(params: dict, cfg: LoraConfig, key: jax.Array, frozen_dtype=None) -> tuple[dict, dict]:
+  """(trainable, frozen) of fresh parameters, see the module docstring. `frozen_dtype`: the dtype the
+  frozen base is kept in (famjax.training.state: the model's compute dtype, bfloat16 in the paper
+  configs: nothing updates those weights and the forward reads them in that dtype anyway, so they are
+  stored, gathered over fsdp and saved at half the bytes); the adapters and the weights trained in full
+  stay in their own dtype (float32)."""
   if not cfg.enabled:
     return params, {}
   new, frozen = _split_new(params)
+  if frozen_dtype is not None:
+    frozen = jax.tree.map(lambda w: w.astype(frozen_dtype), frozen)
   return {"lora": init_adapters(frozen["layers"], cfg, key), **new}, frozen
 
 

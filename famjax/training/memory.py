@@ -30,14 +30,15 @@ Two numbers (benchmarks/memory_fit.py tabulates them for the paper's configs, do
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import jax
 import numpy as np
 
 from famjax.model import init_params
-from famjax.parallel import MESH_AXES, logical_to_spec, make_mesh
-from famjax.training.config import JobConfig
+from famjax.parallel import MESH_AXES, logical_to_spec, make_mesh, topology
+from famjax.training.config import ConfigError, JobConfig
 from famjax.training.optimizer import make_optimizer
 from famjax.training.state import model_logical_axes, new_state, state_logical_axes
 
@@ -197,3 +198,75 @@ def compiled_bytes(job: JobConfig) -> dict:
          "compile_s": round(time.perf_counter() - start, 1)}
   out["total"] = out["arguments"] + out["temporaries"] + out["outputs_not_aliased"]
   return out
+
+
+# -- a step that does not fit -----------------------------------------------------------------------------
+
+_UNITS = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+# What the TPU compiler (libtpu 0.0.42.1) says when a program's buffers do not fit its HBM: "RESOURCE_EXHAUSTED:
+# Ran out of memory on HBM, the total memory required for HLO temporaries (67.42G) exceeds available HBM
+# (15.75G)." (G: GiB; the arguments, the train state and batch, come on top of the temporaries).
+_OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+                            r"\(([\d.]+)([KMGT]?)\)", re.S)
+
+
+def out_of_memory(message: str) -> tuple[int, int] | None:
+  """(bytes of temporaries the compiler needed, bytes available) from its out-of-memory error message, or
+  None when the message is not one."""
+  m = _OUT_OF_MEMORY.search(message)
+  if m is None:
+    return None
+  need, need_unit, have, have_unit = m.groups()
+  return int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit])
+
+
+def arguments_bytes(abstract_tree) -> int:
+  """Per-device bytes of abstract arrays (ShapeDtypeStructs with shardings): the largest shard of each."""
+  return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(abstract_tree)))
+
+
+class StepDoesNotFit(ConfigError):
+  """The train step needs more memory than a device has (raised when it compiles)."""
+
+  def __init__(self, needed: int, available: int, devices, detail: str = ""):
+    self.needed, self.available, self.detail = needed, available, detail
+    self.device_kind = getattr(devices[0], "device_kind", "?")
+    self.devices = len(devices)
+    self.topology = topology.name_of(devices)
+    super().__init__(self.describe())
+
+  def command(self, job_file: str = "WORKDIR/config.json") -> str:
+    """The benchmarks/memory_fit.py command that searches settings that fit, for the job in job_file."""
+    where = f"--platform=tpu --topology={self.topology}" if self.topology else "--platform=cpu"
+    return f"python benchmarks/memory_fit.py {where} --job={job_file}"
+
+  def describe(self, job_file: str = "WORKDIR/config.json") -> str:
+    return (f"the train step does not fit: it needs {self.needed / 2 ** 30:.2f} GiB per device ({self.detail}) "
+            f"and a {self.device_kind} has {self.available / 2 ** 30:.2f} GiB. `{self.command(job_file)}` "
+            "compiles it with the memory-saving settings (loss_chunk, loss_vocab_chunk, model.attention_chunk, "
+            "model.mlp_chunk) and 1, 2, 4, ... microbatches and says which fits (docs/launch.md, "
+            "\"Will it fit?\")")
+
+
+def compile_step(lowered, abstract_arguments, devices):
+  """lowered.compile(), or StepDoesNotFit when the program's memory exceeds a device's: the TPU compiler
+  refuses it (RESOURCE_EXHAUSTED); a GPU compiles it, and its memory_analysis() is checked against the
+  device's memory. XLA:CPU has no limit."""
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  # jax.errors.JaxRuntimeError and its relatives
+    got = out_of_memory(str(e))
+    if got is None:
+      raise
+    arguments = arguments_bytes(abstract_arguments)
+    raise StepDoesNotFit(arguments + got[0], got[1], devices,
+                         f"arguments {arguments / 2 ** 30:.2f} GiB + temporaries {got[0] / 2 ** 30:.2f} GiB, "
+                         "the compiler's figures") from None
+  stats = getattr(devices[0], "memory_stats", lambda: None)() if devices[0].platform == "gpu" else None
+  if stats and stats.get("bytes_limit"):
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+    if total > stats["bytes_limit"]:
+      raise StepDoesNotFit(total, stats["bytes_limit"], devices, "XLA's memory_analysis")
+  return compiled

@@ -2,7 +2,10 @@
 
   step       int32 []          optimizer steps done
   trainable  dict              what the optimizer updates (see famjax.training.lora.split)
-  frozen     dict              the rest of the parameters ({} for full fine-tuning)
+  frozen     dict              the rest of the parameters ({} for full fine-tuning), in the model's
+                               compute dtype (LoRA's frozen base: bfloat16 in the paper configs; a
+                               checkpoint that holds it in float32, as famjax wrote before, is cast
+                               when it is restored)
   opt_state  optax state       of `trainable`
   rng        uint32 [2]        the run's base key; step s draws from fold_in(rng, s), so a resumed run
                                draws exactly what the uninterrupted one would have
@@ -54,7 +57,7 @@ def new_state(params: dict, cfg: ModelConfig, lora_cfg: LoraConfig, optimizer: o
   """The state before step 0 from initial `params` (random or loaded). Jit it for large models."""
   key = jax.random.key_data(jax.random.key(seed))
   adapter_key = jax.random.fold_in(jax.random.wrap_key_data(key), 0x10A)
-  trainable, frozen = lora.split(params, lora_cfg, adapter_key)
+  trainable, frozen = lora.split(params, lora_cfg, adapter_key, frozen_dtype=cfg.compute_dtype)
   return TrainState(
       step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
       opt_state=optimizer.init(trainable), rng=key,

@@ -14,9 +14,10 @@ import time
 import jax
 import numpy as np
 
-from famjax.model import ModelConfig, init_params
-from famjax.parallel import (activation_constraint, batch_sharding, make_mesh, mirror_shardings, replicated,
-                             tree_shardings)
+from famjax.model import ModelConfig, init_params, pallas_attention
+from famjax.parallel import (LOGICAL_AXIS_RULES, activation_constraint, batch_sharding, make_mesh,
+                             mirror_shardings, replicated, tree_shardings)
+from famjax.training import memory
 from famjax.training.config import FamTrainingConfig, JobConfig, LoraConfig, OptimizerConfig, check_platform
 from famjax.training.optimizer import learning_rate_schedule, make_optimizer
 from famjax.training.state import TrainState, model_logical_axes, new_state, state_logical_axes
@@ -64,6 +65,7 @@ class Programs:
                            mask_between_examples=spec.mask_between_examples,
                            constrain=activation_constraint(mesh), microbatches=spec.microbatches,
                            loss_chunk=spec.loss_chunk, loss_vocab_chunk=spec.loss_vocab_chunk)
+    per_device = functools.partial(_kernels_per_device, cfg, mesh)
 
     abstract_params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
     trainable_axes, frozen_axes = state_logical_axes(cfg, spec.lora)
@@ -89,7 +91,7 @@ class Programs:
     self.batch_shardings = {k: batch_sharding(mesh, B) for k in BATCH_KEYS}
     self.abstract_batch = {k: jax.ShapeDtypeStruct((B, T), np.float32 if k == "weights" else np.int32,
                                                    sharding=self.batch_shardings[k]) for k in BATCH_KEYS}
-    self.step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_shardings),
+    self.step = jax.jit(per_device(step), in_shardings=(self.state_shardings, self.batch_shardings),
                         out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
 
     def state_eval_sums(state, batch):  # evaluation during training: the state's merged parameters
@@ -97,18 +99,38 @@ class Programs:
                        mask_between_examples=spec.mask_between_examples,
                        constrain=activation_constraint(mesh))
 
-    self.eval_sums = jax.jit(state_eval_sums, in_shardings=(self.state_shardings, self.batch_shardings),
+    self.eval_sums = jax.jit(per_device(state_eval_sums), in_shardings=(self.state_shardings, self.batch_shardings),
                              out_shardings=replicated(mesh))
     self.merged_params = jax.jit(lambda state: state.params(spec.lora), in_shardings=(self.state_shardings,),
                                  out_shardings=self.param_shardings)
+    self.devices = list(mesh.devices.flat)
     self.compiled_step = None
 
   def compile(self) -> float:
-    """Compile the step ahead of time (once); returns the seconds it took."""
+    """Compile the step ahead of time (once); returns the seconds it took. A step that needs more memory
+    than a device has raises famjax.training.memory.StepDoesNotFit (a ConfigError) saying how much it
+    needs and which command finds settings that fit."""
     t0 = time.perf_counter()
     if self.compiled_step is None:
-      self.compiled_step = self.step.lower(self.abstract_state, self.abstract_batch).compile()
+      lowered = self.step.lower(self.abstract_state, self.abstract_batch)
+      self.compiled_step = memory.compile_step(lowered, (self.abstract_state, self.abstract_batch),
+                                               self.devices)
     return time.perf_counter() - t0
+
+
+def _kernels_per_device(cfg: ModelConfig, mesh: jax.sharding.Mesh, fn):
+  """fn, traced so that the Pallas attention (attention_impl="pallas") runs its kernels per device of the
+  mesh, over the batch's and the heads' mesh axes (famjax.model.pallas_attention.partitioned); fn itself
+  for the other kernels, which XLA partitions."""
+  if cfg.attention_impl != "pallas":
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with pallas_attention.partitioned(mesh, LOGICAL_AXIS_RULES["batch"], LOGICAL_AXIS_RULES["q_heads"]):
+      return fn(*args)
+
+  return traced
 
 
 @functools.lru_cache(maxsize=4)
