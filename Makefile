@@ -35,12 +35,13 @@ stream-demo: setup
 
 # tests/run_suite.py: one pytest process per test file, two files at a time, longest first; every file runs
 # whatever the others did, and the last line counts the whole suite (its docstring says why and how).
+# ARGS: more of run_suite.py's arguments, e.g. make test ARGS=--record (rewrite tests/durations.json)
 test: setup-test
-	$(PY) tests/run_suite.py
+	$(PY) tests/run_suite.py $(ARGS)
 
 # The fast tier (-m "not slow"): every package touched in a few minutes.
 test-fast: setup-test
-	$(PY) tests/run_suite.py --fast
+	$(PY) tests/run_suite.py --fast $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_model.py
