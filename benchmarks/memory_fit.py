@@ -495,7 +495,7 @@ def tpu_tables(records: list[dict]) -> str:
   for r in records:
     if r["error"]:
       fits = "no (compiler: out of memory)"
-    elif r["fits"] is False:  # compiled, yet over the chip's HBM by its own memory_analysis
+    elif r.get("fits") is False:  # compiled, yet over the chip's HBM by its own memory_analysis
       fits = f"no (over {_gib(r['hbm_bytes_capacity'])} HBM)"
     else:
       fits = f"yes, <= {TARGET_GIB:g}" if r["total"] <= TARGET_GIB * GIB else f"yes, over {TARGET_GIB:g}"
@@ -551,7 +551,7 @@ def tpu_summary(records: list[dict]) -> str:
                    f"{'met' if r['total'] <= TARGET_GIB * GIB else 'not met'}); predicted MFU "
                    f"{p['mfu_overlapped']:.1%} with the collectives overlapped, {p['mfu_serialised']:.1%} "
                    "serialised")
-    elif r["fits"] is False:
+    elif r.get("fits") is False:
       lines.append(f"* {what}: does not fit, {_gib(r['total'])} GiB per chip by the compiler's memory_analysis "
                    f"(it compiled it) and {_gib(r['hbm_bytes_capacity'])} GiB of HBM")
     else:
