@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -67,6 +68,7 @@ def test_the_frozen_base_is_kept_in_the_compute_dtype():
   assert bf16 * 2 == f32
 
 
+@pytest.mark.slow
 def test_a_float32_base_restores_cast_and_the_step_computes_what_it_computed_from_it(tmp_path):
   """A checkpoint written with a float32 base (famjax before this change) restores, the base cast to
   bfloat16; the forward read the base in bfloat16 anyway, so a step from the restored state gives the loss,

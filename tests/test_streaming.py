@@ -35,11 +35,13 @@ def run_stream(model, toks, chunks, start_position=0):
 
 
 def random_chunks(rng, total):
-  """Chunk lengths from a small set (few compilations) that cross block boundaries; the last chunk
-  leaves a partial block."""
-  chunks = []
+  """Chunk lengths from a small set (every length one compilation, shared by the tests) that cross block
+  boundaries; the last chunk leaves a partial block."""
+  sizes, chunks = (1, 3, 8, 13), []
   while sum(chunks) < total:
-    chunks.append(int(min(rng.choice([1, 3, 8, 13]), total - sum(chunks))))
+    left = total - sum(chunks)
+    size = int(rng.choice(sizes))
+    chunks.append(size if size <= left else max(s for s in sizes if s <= left))
   return chunks
 
 
