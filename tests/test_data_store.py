@@ -174,6 +174,13 @@ def test_a_restore_seeks_without_tokenizing_or_planning(demo, monkeypatch):
   monkeypatch.setattr(tokenize, "tokenize_unit", fail)
   monkeypatch.setattr(plan_lib, "build", fail)
   monkeypatch.setattr(data.pipeline.PackedRows, "__init__", fail)
+  lock = store.fs.lock
+
+  def plan_lock(directory, say, what):  # a published plan is opened without queueing for the lock that
+    assert what != "the packing plan", "a published plan must open without the builders' lock"
+    return lock(directory, say, what)  # guards building one (the processes of a job would wait in turn)
+
+  monkeypatch.setattr(store.fs, "lock", plan_lock)
   reopened = store.open_or_build(cfg, say=fail)
   with data.get_global_batches(reopened, batch, 3, 4, state=state) as it:
     got = next(it)

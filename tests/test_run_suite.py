@@ -80,7 +80,7 @@ def suite(tmp_path_factory):
 @pytest.mark.slow
 def test_every_file_runs_and_the_last_line_counts_the_suite(suite, capsys):
   files = [str(suite / name) for name in FILES]
-  code = run_suite.main([*files, "--jobs=2", "--file_timeout=20", "--slowest=3"])
+  code = run_suite.main([*files, "--jobs=2", "--file_timeout=10", "--slowest=3"])
   out = capsys.readouterr().out
   lines = out.strip().splitlines()
   assert code == 1

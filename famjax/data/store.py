@@ -240,6 +240,11 @@ def open_or_build(config: DataConfig, rows: int = 0, *, say: Callable[[str], Non
                           for t in tasks]}
     plan_dir = fs.join(root, "plans", f"{_safe(mixture)}-{config.seq_len}-{_hash(plan_key)}")
     builds = [t["build"] for t in tasks]
+    # A published plan is immutable (its manifest is written last): opened without the lock, so that the
+    # processes of a job that finds it do not queue behind each other (or say they wait for a build).
+    version = plan_store.open_version(plan_dir, need, exact=False, builds=builds)
+    if version is not None:
+      return TrainingRows(root, version.directory, config, max_open_files)
     with fs.lock(plan_dir, say, "the packing plan"):
       try:
         version = plan_store.open_version(plan_dir, need, exact=False, builds=builds)
