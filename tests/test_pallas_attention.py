@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from famjax import ModelConfig
-from famjax.model import init_params, layers, pallas_attention, transformer
+from famjax.model import init_params, layers, pallas_attention
 from famjax.training.config import ConfigError, check_platform
+from test_attention import logits_and_grads  # the training forward's logits and gradients
 
 TOLERANCE = 1e-4  # relative to the largest magnitude of each compared array
 
@@ -50,18 +51,6 @@ def test_kernel_equals_attend(lead, S, R, N, K, H):
   want = value_and_input_grads(layers.attend, q, k, v, mask, cotangent)
   got = value_and_input_grads(pallas_attention.attend, q, k, v, mask, cotangent)
   assert_close(got, want)
-
-
-@functools.partial(jax.jit, static_argnames="cfg")
-def logits_and_grads(params, cfg, toks, token_mask, segment_ids):
-  """The training forward's logits and the gradients of a loss over every logit (as test_attention)."""
-  def loss(p):
-    state = transformer.empty_state(p, cfg, toks.shape[0])
-    out, _ = transformer.forward(p, cfg, toks, state, max_pending=0, token_mask=token_mask,
-                                 segment_ids=segment_ids)
-    return jnp.mean(jax.nn.log_softmax(out) * jnp.cos(jnp.arange(out.shape[-1]))), out
-  (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
-  return out, grads
 
 
 SMALL = dict(vocab_size=37, d_model=32, n_layers=2, mlp_dim=48, dtype="float32", n_heads=4, n_kv_heads=2,
