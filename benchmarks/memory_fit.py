@@ -693,10 +693,7 @@ def main(argv=None) -> None:
     compiled, failures = compile_points(points, args.timeout_s)
     compiled = with_estimates(compiled)
     records += compiled
-    if args.out:
-      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-      with open(args.out, "w") as f:
-        json.dump(compiled, f, indent=1)
+    write_records(args.out, compiled)
     if failures:
       _fail("; ".join(failures))
   searched_records = [r for r in records if "role" in r]
@@ -706,6 +703,14 @@ def main(argv=None) -> None:
   print("estimate (chip columns: the fewest microbatches whose estimate fits; 'no': none does):\n")
   print(estimate_table(args.sizes.split(","), [int(n) for n in args.chips.split(",")], args.hbm_gib,
                        settings, records))
+
+
+def write_records(path, records: list[dict]) -> None:
+  """--out: the records as JSON (nothing without a path)."""
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(records, f, indent=1)
 
 
 def tpu_main(args) -> None:
@@ -727,10 +732,7 @@ def tpu_main(args) -> None:
       compiled, more = with_cpu_totals(compiled, args.timeout_s)
       failures += more
     records += compiled
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(records, f, indent=1)
+  write_records(args.out, records)
   if records:
     print(tpu_tables(records) + "\n\n" + tpu_summary(records))
   if failures:

@@ -4,6 +4,7 @@ what to do."""
 PREPARE = "python -m famjax.data.prepare --config=<your config>"
 
 
+
 class StoreNotFoundError(FileNotFoundError):
   """No published store where one was expected (build one: famjax.data.prepare, or open_or_build)."""
 

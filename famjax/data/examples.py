@@ -43,7 +43,7 @@ from typing import Any, Optional
 import numpy as np
 
 from famjax.data import fs
-from famjax.data.errors import PREPARE, StoreChangedError, StoreCorruptError, StoreNotFoundError
+from famjax.data.errors import PREPARE, StoreChangedError, StoreCorruptError
 
 FORMAT = "famjax-examples"
 FORMAT_VERSION = 1
@@ -159,14 +159,10 @@ class ExampleStore:
     self.directory, self.build = directory, build
     self.build_dir = fs.join(directory, build)
     self.manifest_path = fs.join(self.build_dir, manifest_name(units))
-    try:
-      manifest = fs.read_json(self.manifest_path)
-    except FileNotFoundError:
-      raise StoreNotFoundError(f"famjax.data: no published examples at {self.manifest_path}; build "
-                               f"them with {PREPARE}") from None
-    except (OSError, ValueError) as e:
-      raise StoreCorruptError(f"famjax.data: {self.manifest_path} is not a readable manifest ({e}); "
-                              f"rebuild with {PREPARE} --rebuild") from None
+    manifest = fs.read_manifest(
+        self.manifest_path, f"famjax.data: no published examples at {self.manifest_path}; build them with "
+        f"{PREPARE}", f"famjax.data: {self.manifest_path} is not a readable manifest; rebuild with {PREPARE} "
+        "--rebuild")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
       raise StoreCorruptError(f"famjax.data: {self.manifest_path} is not a famjax example store of format "
                               f"version {FORMAT_VERSION}; rebuild with {PREPARE} --rebuild")

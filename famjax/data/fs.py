@@ -30,7 +30,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterator
 
-from famjax.data.errors import StoreWriteError
+from famjax.data.errors import StoreCorruptError, StoreNotFoundError, StoreWriteError
 from famjax.data.tensorflow_setup import tf
 
 CACHE_ENV = "FAMJAX_DATA_CACHE"  # where local copies of files on other filesystems go
@@ -298,6 +298,17 @@ def lock(directory: str, say: Callable[[str], None], what: str) -> Iterator[None
     finally:
       with contextlib.suppress(OSError):
         fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_manifest(path: str, missing: str, unreadable: str) -> dict:
+  """A published manifest's JSON: StoreNotFoundError(missing) when it is not there, StoreCorruptError
+  (unreadable, the reason appended) when it is not valid JSON."""
+  try:
+    return read_json(path)
+  except FileNotFoundError:
+    raise StoreNotFoundError(missing) from None
+  except (OSError, ValueError) as e:
+    raise StoreCorruptError(f"{unreadable} ({e})") from None
 
 
 def stat_identity(path: str) -> tuple:

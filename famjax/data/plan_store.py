@@ -29,7 +29,7 @@ import numpy as np
 
 from famjax.data import fs
 from famjax.data import plan as plan_lib
-from famjax.data.errors import PREPARE, StoreChangedError, StoreCorruptError, StoreNotFoundError
+from famjax.data.errors import PREPARE, StoreChangedError, StoreCorruptError
 
 FORMAT = "famjax-plan"
 FORMAT_VERSION = 1
@@ -118,13 +118,9 @@ class PackingPlan:
   def __init__(self, directory: str):
     self.directory = directory
     self.manifest_path = fs.join(directory, MANIFEST)
-    try:
-      manifest = fs.read_json(self.manifest_path)
-    except FileNotFoundError:
-      raise StoreNotFoundError(f"famjax.data: no packing plan at {directory} (no {MANIFEST}); build it "
-                               f"with {PREPARE}") from None
-    except (OSError, ValueError) as e:
-      raise StoreCorruptError(f"famjax.data: {self.manifest_path} is not a readable manifest ({e})") from None
+    manifest = fs.read_manifest(
+        self.manifest_path, f"famjax.data: no packing plan at {directory} (no {MANIFEST}); build it with "
+        f"{PREPARE}", f"famjax.data: {self.manifest_path} is not a readable manifest")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
       raise StoreCorruptError(f"famjax.data: {self.manifest_path} is not a famjax packing plan of format "
                               f"version {FORMAT_VERSION}; rebuild with {PREPARE} --rebuild")
