@@ -4,19 +4,18 @@ on 4 processes x 1 device, and continues exactly as a run that was never interru
 
 Every run is a real `python -m famjax.train` (through launch/local.py for several processes):
 
-  steps 1-3  2 processes x 2 devices, mesh fsdp=2 x tensor=2   -> checkpoint 3 (copied: two futures)
+  steps 1-5  2 processes x 2 devices, mesh fsdp=2 x tensor=2   -> checkpoints 3 and 5: the uninterrupted
+             reference; its workdir copied twice without checkpoint 5 (two futures from step 3)
   steps 4-5  1 process  x 4 devices, mesh data=2 x fsdp=2      -> restores 3
-  steps 4-5  4 processes x 1 device, mesh fsdp=4               -> restores 3 (the copy)
+  steps 4-5  4 processes x 1 device, mesh fsdp=4               -> restores 3 (the other copy)
 
-and a reference that runs the 5 steps uninterrupted on 1 process x 4 devices (its step program is the
-second run's: the suite's compilation cache, JAX_COMPILATION_CACHE_DIR, keeps the test short). Every
-logged loss of both resumed runs must match the reference's: that needs the parameters, the optimizer
-state, the RNG, the RSP state and the data position all restored exactly onto the new shardings and
-process layouts. The data position is one global row count (famjax.data.global_batches), so the 4
-processes of the last run read, from the 2-process run's checkpoint, exactly the rows the other layouts
-read. The first run tokenizes the mixture and plans the 12 rows it reads (into the test's
-FAMJAX_DATA_STORES) while its second process waits; the second plans the 20 rows of 5 steps (the same
-first 12); the others find that plan. The schedule is constant so that raising `steps` does not change it.
+Every logged loss of both resumed runs, and their final parameters, must match the reference's: that
+needs the parameters, the optimizer state, the RNG, the RSP state and the data position all restored
+exactly onto the new shardings and process layouts. The data position is one global row count
+(famjax.data.global_batches), so the 4 processes of the last run read, from the 2-process run's
+checkpoint, exactly the rows the other layouts read. The first run tokenizes the mixture and plans the
+20 rows it reads (into the test's FAMJAX_DATA_STORES) while its second process waits; the others find
+them. The schedule is constant, as in a run that stops at step 3 and is resumed with more steps.
 """
 
 import dataclasses
@@ -54,11 +53,11 @@ def env(stores, devices=None):
   return subprocess_env(devices or 1, FAMJAX_DATA_STORES=str(stores))
 
 
-def train(workdir, stores, steps, mesh, processes=1, devices=4):
+def train(workdir, stores, steps, mesh, processes=1, devices=4, checkpoint_every=None):
   """Runs famjax.train to `steps` on `processes` x `devices` CPU devices; returns its output."""
   start, where = time.monotonic(), f"{processes} x {devices} devices, mesh {mesh}, to step {steps}"
   command = [sys.executable, "-m", "famjax.train", *TINY, f"--workdir={workdir}", f"--config.steps={steps}",
-             f"--config.checkpoint_every={steps}",
+             f"--config.checkpoint_every={checkpoint_every or steps}",
              *(f"--config.mesh.{axis}={size}" for axis, size in mesh.items())]
   if processes > 1:
     command = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes", str(processes),
@@ -116,39 +115,41 @@ def test_the_mesh_may_change_when_a_run_resumes():
 
 
 def test_a_real_run_resumes_on_any_process_count_and_mesh(tmp_path):
-  work, ref, stores = tmp_path / "run", tmp_path / "reference", tmp_path / "stores"
+  ref, stores = tmp_path / "reference", tmp_path / "stores"
   fsdp2_tensor2 = {"data": 1, "fsdp": 2, "tensor": 2}
   data2_fsdp2 = {"data": 2, "fsdp": 2, "tensor": 1}
   fsdp4 = {"data": 1, "fsdp": 4, "tensor": 1}
 
-  out = train(work, stores, 3, fsdp2_tensor2, processes=2, devices=2)
+  out = train(ref, stores, 5, fsdp2_tensor2, processes=2, devices=2, checkpoint_every=3)
   assert "[p0] compiling the train step (fam, 4 device(s), mesh {'data': 1, 'fsdp': 2, 'tensor': 2})" in out
   assert out.count("famjax.data: tokenizing") == 1  # the mixture's examples, tokenized once
-  assert out.count("packing plan ready: 12 rows of 64 tokens") == 1  # the rows it reads, planned once
-  assert checkpoint_steps(work) == [3]
-  positions = data_item(work, 3)["process_positions"]
+  assert out.count("packing plan ready: 20 rows of 64 tokens") == 1  # the rows it reads, planned once
+  assert checkpoint_steps(ref) == [3, 5]
+  positions = data_item(ref, 3)["process_positions"]
   assert len(positions) == 2 and positions[0] == positions[1]  # one global position
   assert positions[0]["rows"] == 3 * 4 and positions[0]["version"] == 3
-  other = tmp_path / "run_on_4_processes"
-  shutil.copytree(work, other)
+  work, other = tmp_path / "run_on_1_process", tmp_path / "run_on_4_processes"
+  for copy in (work, other):  # the run as it was when it stopped after step 3
+    shutil.copytree(ref, copy)
+    shutil.rmtree(copy / "checkpoints" / "5")
 
   out = train(work, stores, 5, data2_fsdp2)  # 2 x 2 -> 1 x 4
   assert f"resumed from checkpoint 3 in {work / 'checkpoints'}" in out, out[-3000:]
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in out
-  assert "packing plan ready: 20 rows of 64 tokens" in out  # steps 4-5 read 8 more: a longer plan
-  assert "tokenizing" not in out  # of the same examples
+  assert "packing plan" not in out and "tokenizing" not in out  # the 20-row plan of the same examples
   assert checkpoint_steps(work) == [3, 5]
 
   out = train(other, stores, 5, fsdp4, processes=4, devices=1)  # 2 x 2 -> 4 x 1
   for p in range(4):
     assert f"[p{p}] resumed from checkpoint 3 in {other / 'checkpoints'}" in out, out[-3000:]
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}" in out
-  assert "packing plan" not in out and "tokenizing" not in out  # the 20-row plan: found
+  assert "packing plan" not in out and "tokenizing" not in out
   assert checkpoint_steps(other) == [3, 5]
-  assert not (work / "checkpoints_corrupt").exists() and not (other / "checkpoints_corrupt").exists()
+  for run in (ref, work, other):
+    assert not (run / "checkpoints_corrupt").exists()
   assert data_item(other, 5)["process_positions"] == [data_item(work, 5)["process_positions"][0]] * 4
+  assert data_item(ref, 5)["process_positions"] == [data_item(work, 5)["process_positions"][0]] * 2
 
-  train(ref, stores, 5, data2_fsdp2)  # uninterrupted (its step program is the second run's: from the cache)
   reference = logged(ref)
   for resumed in (logged(work), logged(other)):
     assert sorted(resumed) == list(range(1, 6))  # one history: 1-3, then 4-5
