@@ -1,9 +1,12 @@
-"""famjax's evaluation job: PassKey, long-context and GPT-3 tasks for several checkpoints in one call.
+"""famjax's evaluation job: PassKey, the recall suite, long-context and GPT-3 tasks for several
+checkpoints in one call.
 
   python -m famjax.eval --model=fam=workdirs/fam --model=bswa=workdirs/bswa \
       --passkey_lengths=2k,4k,...,1m --tasks=scrolls_qasper,pg19 --out_dir=eval/fam_vs_bswa
   python -m famjax.eval --model=fam=workdirs/fam --tasks=gpt3_rank,gpt3_gen --max_new_tokens=32 \
       --tfds_data_dir=/data/eval --out_dir=eval/fam_gpt3
+  python -m famjax.eval --model=fam=workdirs/fam --recall_tasks=multikey,mqar --recall_lengths=512,2k,8k \
+      --out_dir=eval/fam_recall
 
 --model is NAME=PATH (repeat it): a famjax workdir (its newest checkpoint, the run's vocabulary) or a
 Hugging Face directory (famjax.from_hf with --attention --block_size --mem_segments --fam_len, the
@@ -36,6 +39,14 @@ _SEED = flags.DEFINE_integer("passkey_seed", 0, "seed of the PassKey examples (t
 _FORMAT = flags.DEFINE_enum("passkey_format", "paper", ["paper", "short", "random", "repeated"],
                             "PassKey text: the paper's, the short one, or the token-level ones of the "
                             "small-scale experiment (random or repeated filler; famjax.data.passkey)")
+_RECALL = flags.DEFINE_list("recall_tasks", [], "the recall suite (famjax.data.recall): multikey "
+                            "(one of several named keys asked for) and/or mqar (several pairs, filler, "
+                            "several questions); at --recall_lengths")
+_RECALL_LENGTHS = flags.DEFINE_string("recall_lengths", "", "recall lengths in tokens (prompt + answer + "
+                                      "EOS), e.g. 512,2k,8k (the syntax of --passkey_lengths)")
+_RECALL_EXAMPLES = flags.DEFINE_integer("recall_examples", 10, "recall examples per task and length")
+_RECALL_SEED = flags.DEFINE_integer("recall_seed", 0, "seed of the recall examples (the data seed of "
+                                    "the multikey_* and mqar_* tasks)")
 _TASKS = flags.DEFINE_list("tasks", [], "seqio tasks to evaluate: scrolls_qasper, scrolls_quality, "
                            "scrolls_narrative_qa, xlsum, pg19, isabelle; the GPT-3 suite's groups "
                            "gpt3_rank and gpt3_gen or any of their tasks (hellaswag, triviaqa, ...); "
@@ -93,6 +104,8 @@ def main(argv) -> None:
     _fail("--out_dir is required")
   try:
     lengths = tuple(parse_lengths(_LENGTHS.value)) if _LENGTHS.value.strip() else ()
+    recall_lengths = (tuple(parse_lengths(_RECALL_LENGTHS.value)) if _RECALL_LENGTHS.value.strip()
+                      else ())
     sources = _sources()
     out_dir = Path(_OUT_DIR.value).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +116,9 @@ def main(argv) -> None:
         passkey_format=_FORMAT.value,
         tasks=tuple(_TASKS.value), split=_SPLIT.value, task_examples=_TASK_EXAMPLES.value,
         max_new_tokens=_MAX_NEW.value, tfds_data_dir=_TFDS_DIR.value, chunk_size=_CHUNK.value,
-        bos_id=None if _BOS.value < 0 else _BOS.value, text_tokens=_TEXT_TOKENS.value)
+        bos_id=None if _BOS.value < 0 else _BOS.value, text_tokens=_TEXT_TOKENS.value,
+        recall_tasks=tuple(_RECALL.value), recall_lengths=recall_lengths,
+        recall_examples=_RECALL_EXAMPLES.value, recall_seed=_RECALL_SEED.value)
     plan = runner.prepare(sources, settings)
   except (OSError, ValueError) as e:  # LoadError, TfdsNotPreparedError, Gpt3DataNotFoundError, ...
     _fail(str(e))

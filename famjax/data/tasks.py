@@ -6,6 +6,8 @@ Built in (byte vocabulary, registered on import):
 - passkey_train (filler 2k-18k tokens; famjax.data.passkey.TRAIN_TASKS), passkey_random_small and
   passkey_repeated_small (64-512 tokens, random or repeated filler; famjax.data.passkey.TRAIN_TOTAL_TASKS),
   and passkey_2k ... passkey_1m (evaluation, fixed length).
+- multikey_small, mqar_small (recall training, 128-512 tokens) in the Mixture recall_small, and
+  multikey_512 ... multikey_64k, mqar_512 ... mqar_64k (evaluation, fixed length; famjax.data.recall).
 - scrolls_qasper, scrolls_quality, scrolls_narrative_qa, xlsum, pg19, isabelle (famjax.data.longcontext).
 - the GPT-3 suite (famjax.data.gpt3): rank classification tasks (hellaswag, piqa, arc_easy, ...) in the
   Mixture gpt3_rank, generation tasks (triviaqa, natural_questions, ...) in the Mixture gpt3_gen.
@@ -33,7 +35,7 @@ from typing import Any, Hashable, Sequence
 
 import seqio
 
-from famjax.data import flan, gpt3, longcontext, metrics, passkey, synthetic
+from famjax.data import flan, gpt3, longcontext, metrics, passkey, recall, synthetic
 from famjax.data.config import BYTE_VOCABULARY, DataConfig
 from famjax.data.sources import PythonSource
 from famjax.data.tensorflow_setup import tf
@@ -134,8 +136,9 @@ def register_builtins(vocabulary: str = BYTE_VOCABULARY) -> None:
   with _LOCK:
     if vocabulary in _BUILTINS_FOR and all(
         _is_ours("mixture", m + suffix) for m in synthetic.DEMO_MIXTURES) and all(
-        _is_ours("task", t + suffix) for t in (*passkey.EVAL_LENGTHS, *longcontext.SPECS, *gpt3.SPECS)
-    ) and all(_is_ours("mixture", g + suffix) for g in gpt3.GROUPS):
+        _is_ours("task", t + suffix) for t in (*passkey.EVAL_LENGTHS, *recall.EVAL_TASKS, *longcontext.SPECS,
+                                               *gpt3.SPECS)
+    ) and all(_is_ours("mixture", g + suffix) for g in (*gpt3.GROUPS, recall.TRAIN_MIXTURE)):
       return
     _register_builtins(vocabulary, suffix)
     _BUILTINS_FOR.add(vocabulary)
@@ -166,6 +169,7 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
                  passkey.make_eval_examples(total, vocab), ("validation",),
                  num_examples={"validation": passkey.EVAL_EXAMPLES},
                  metric_fns=[metrics.exact_match], postprocess_fn=passkey.postprocess)
+  _register_recall(vocabulary, suffix)
   for spec in longcontext.SPECS.values():
     task = spec.name + suffix
     _add_task(task, (vocabulary, "longcontext", spec), source=longcontext.LocalTfdsSource(spec),
@@ -184,11 +188,27 @@ def _register_builtins(vocabulary: str, suffix: str) -> None:
     _add_mixture(group + suffix, [(name + suffix, 1.0) for name in gpt3.group_tasks(group)])
 
 
+def _register_recall(vocabulary: str, suffix: str) -> None:
+  """famjax.data.recall's tasks: byte-exact formats, registered for every vocabulary all the same."""
+  for name, (totals, fmt) in recall.TRAIN_TASKS.items():
+    examples = recall.make_train_examples(totals, fmt)
+    _python_task(name + suffix, vocabulary, ("recall_train", totals, fmt), examples, ("train",),
+                 metric_fns=[metrics.exact_match], postprocess_fn=recall.postprocess,
+                 endless=("train",), range_examples=examples.range)
+  _add_mixture(recall.TRAIN_MIXTURE + suffix, [(name + suffix, 1.0) for name in recall.TRAIN_TASKS])
+  for name, (total, fmt) in recall.EVAL_TASKS.items():
+    _python_task(name + suffix, vocabulary, ("recall_eval", total, fmt, recall.EVAL_EXAMPLES),
+                 recall.make_eval_examples(total, fmt), ("validation",),
+                 num_examples={"validation": recall.EVAL_EXAMPLES},
+                 metric_fns=[metrics.exact_match], postprocess_fn=recall.postprocess)
+
+
 def builtin_names() -> tuple[str, ...]:
   """Names a DataConfig.mixture may take without `sources` (for the byte vocabulary)."""
   names = list(synthetic.DEMO_MIXTURES)
   names += [f"{m}_{t}" for m in synthetic.DEMO_MIXTURES for t in synthetic.TASKS]
   names += [*passkey.TRAIN_TASKS, *passkey.TRAIN_TOTAL_TASKS, *passkey.EVAL_LENGTHS,
+            *recall.TRAIN_TASKS, recall.TRAIN_MIXTURE, *recall.EVAL_TASKS,
             *longcontext.SPECS, *gpt3.SPECS, *gpt3.GROUPS]
   return tuple(sorted(names))
 

@@ -7,6 +7,8 @@ loading models for the command lines (famjax workdirs and Hugging Face directori
 and the reports (JSON, markdown, PNG).
 
   passkey      evaluate_passkey: the examples of the passkey_* tasks, streamed, exact match
+  recall       evaluate_recall: the multikey_* and mqar_* tasks (famjax.data.recall), streamed, exact
+               match per question
   longcontext  load_tasks / evaluate_task: any famjax seqio task (scrolls_*, xlsum, pg19, isabelle,
                the GPT-3 suite gpt3_rank / gpt3_gen, ...)
   rank         option_log_likelihoods: the options of a rank classification example, scored
@@ -16,7 +18,7 @@ and the reports (JSON, markdown, PNG).
   lengths      "1k,2k,...,1m" -> token counts
   progress     Progress: tokens done / total, tok/s and ETA on stderr
   report       results.json, results.md, passkey.png
-  runner       several models x PassKey lengths x tasks: famjax.eval's body
+  runner       several models x PassKey lengths x recall tasks x tasks: famjax.eval's body
 
 Examples, vocabularies and metrics come from famjax.data (which imports TensorFlow); nothing here
 imports TensorFlow itself. The submodules are not imported by this file, so `famjax.evaluation.report`

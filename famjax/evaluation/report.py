@@ -2,11 +2,12 @@
 
 `results` is the dict famjax.eval builds:
 
-  {"models": {name: {"info": {...}, "passkey": [evaluate_passkey(...) dicts], "tasks": {task: dict}}},
+  {"models": {name: {"info": {...}, "passkey": [evaluate_passkey(...) dicts],
+                     "recall": [evaluate_recall(...) dicts], "tasks": {task: dict}}},
    "settings": {...}}
 
-In the tables a PassKey row is one length (total tokens of an example, and its filler tokens) and a
-task row is one metric of one task; the columns are the models.
+In the tables a PassKey row is one length (total tokens of an example, and its filler tokens), a recall
+row one task at one length, and a task row is one metric of one task; the columns are the models.
 """
 
 from __future__ import annotations
@@ -68,6 +69,24 @@ def passkey_depth_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def recall_table(results: dict) -> str:
+  """Markdown: rows = (recall task, length), columns = models, cells = exact match (%) over the
+  questions; "" if no recall results."""
+  names = [n for n, m in results["models"].items() if m.get("recall")]
+  if not names:
+    return ""
+  rows: dict[tuple[str, int], dict] = {}
+  for name in names:
+    for row in results["models"][name]["recall"]:
+      rows.setdefault((row["task"], row["total_tokens"]), {"n": row["n"]})[name] = row
+  lines = ["| task | tokens | questions | " + " | ".join(names) + " |",
+           "|---|---|---:|" + "---:|" * len(names)]
+  for (task, total), cells in sorted(rows.items()):
+    values = [_percent(cells.get(name), "exact_match") for name in names]
+    lines.append(f"| {task} | {format_length(total)} | {cells['n']} | " + " | ".join(values) + " |")
+  return "\n".join(lines)
+
+
 def tasks_table(results: dict) -> str:
   """Markdown: rows = (task, metric), columns = models."""
   names = [n for n, m in results["models"].items() if m.get("tasks")]
@@ -102,6 +121,10 @@ def markdown(results: dict) -> str:
     parts += ["", f"## PassKey exact match (%, {examples} examples per length)", "", table,
               "", "## PassKey exact match (%) by key depth at the longest length (examples in brackets)",
               "", passkey_depth_table(results)]
+  table = recall_table(results)
+  if table:
+    examples = results.get("settings", {}).get("recall_examples", "?")
+    parts += ["", f"## Recall exact match (%, {examples} examples per task and length)", "", table]
   table = tasks_table(results)
   if table:
     parts += ["", "## Tasks", "", table]
