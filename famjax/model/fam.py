@@ -5,12 +5,14 @@ streaming state of this layer): the raw keys/values of the last `m` complete blo
 partial block, and its FAM. The parallel forward is the same function on an empty context, so streaming
 equals the parallel forward by construction, and the tests check both against a slow reference.
 
-The execution order (spec §9):
+The execution order (spec §9; `block_attention_layer` runs steps 2 and 3):
   1. project all new tokens at once (q, k, v);
-  2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block;
-  3. the block attention of every block at once, given the FAM each block saw (or
-     `ModelConfig.attention_chunk` blocks at a time, their key/value windows and scores built inside
-     the group and recomputed in the backward pass);
+  2. `lax.scan` over blocks carrying only the F x D FAM state: an F-row attention + MLP per block
+     (`fam_scan`, one step `fam_scan_step`, the same with or without packed examples);
+  3. the block attention of every block at once, given the FAM each block saw (`attend_blocks` of the
+     blocks laid out by `key_blocks` and `query_blocks`; or `ModelConfig.attention_chunk` blocks at a
+     time, `_in_groups`, their key/value windows and scores built inside the group and recomputed in
+     the backward pass);
   4. the output projection and MLP of all tokens (in `decoder_layer`; or `ModelConfig.mlp_chunk`
      tokens at a time).
 No L x L score matrix exists: per row and head the scores are [blocks, S, (m+1)*S + F], memory
@@ -273,200 +275,260 @@ def _push_history(hist, hist_valid, fam, updated):
           jnp.where(updated[:, None], shifted_valid, hist_valid))
 
 
-def _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk, v_blk, valid_blk, offset):
-  """One block of the FAM scan: the update (spec §3 step 3) and the FAM keys/values the block's tokens
-  read (F_prev's, after the older states' with fam_history > 1) with their mask [B, k*F]."""
-  new, kF, vF = fam_update(p, cfg, fam, from_prompt, k_blk, v_blk, valid_blk, offset)
-  mask = jnp.ones(kF.shape[:2], bool)  # the spec's F_{tau-1}: always there
-  if cfg.fam_history > 1:
-    kH, vH, mH = history_keys(p, cfg, hist, hist_valid, offset)
-    kF, vF = jnp.concatenate([kH, kF], axis=1), jnp.concatenate([vH, vF], axis=1)
-    mask = jnp.concatenate([mH, mask], axis=1)
-    hist, hist_valid = _push_history(hist, hist_valid, fam, jnp.all(valid_blk, axis=-1))
-  return new, hist, hist_valid, kF, vF, mask
+class FamCarry(NamedTuple):
+  """What the FAM scan carries from block to block (spec §9 step 2): the FAM and nothing of the tokens.
+
+  fam [B, F, D]; from_prompt [B] (its next update uses residual 0, §3); hist, hist_valid: the older states
+  (LayerContext.fam_hist); owner [B]: the packed example the FAM belongs to (None when not packed).
+  """
+
+  fam: jax.Array
+  from_prompt: jax.Array
+  hist: jax.Array
+  hist_valid: jax.Array
+  owner: jax.Array | None
 
 
-def fam_restarts(p: dict, cfg: ModelConfig, fam0: jax.Array, from_prompt0: jax.Array, hist0, hist_valid0,
-                 k_blocks, v_blocks, valid, seg, offset):
-  """The FAM scan of a chunk of packed examples (segment ids `seg` [B, C, S], 0 = padding) **[famjax]**.
+def fam_restarts(start: FamCarry, carry: FamCarry, seg_blk: jax.Array, valid_blk: jax.Array):
+  """The FAM of packed examples (segment ids, 0 = padding) at one block **[famjax]**: the carry the block
+  reads, and which of its tokens [B, S] may update that FAM.
 
   Masking between packed examples is not in the paper (it packs without masks); famjax defines it so
   that every example of a row computes what it would alone in its row: a block whose first token starts
-  another example than the one the FAM belongs to restarts the FAM from `fam0` (the state the chunk
+  another example than the one the FAM belongs to restarts the FAM from `start` (the state the chunk
   started from: the prompt's, or a passed state under RSP, with its `from_prompt` flag), and the FAM
   updates only from a complete block of its own example. Exact when every example starts at a block
   boundary (DataConfig.pack_align); an example that starts inside a block reads no FAM there.
-  Padding blocks (segment 0) leave the FAM as it is, so the returned state is the last example's.
-  With fam_history > 1 a restart empties the history (hist0, hist_valid0: the chunk's).
-
-  Returns (F after the chunk [B, F, D], its history and validity, kF, vF [C, B, k*F, K, H] and their
-  mask [C, B, k*F] (the FAM states each block saw; None with fam_history = 1: all there), the example id
-  of that FAM per block [B, C]).
+  Padding blocks (segment 0) leave the FAM as it is, so the state after a chunk is the last example's.
+  With fam_history > 1 a restart empties the history.
   """
-  def step(carry, blk):
-    fam, from_prompt, owner, hist, hist_valid = carry
-    k_blk, v_blk, valid_blk, seg_blk = blk
-    first = seg_blk[:, 0]
-    restart = (first > 0) & (first != owner)
-    fam = jnp.where(restart[:, None, None], fam0, fam)
-    from_prompt = jnp.where(restart, from_prompt0, from_prompt)
-    hist_valid = jnp.where(restart[:, None], False, hist_valid)
-    owner = jnp.where(restart, first, owner)
-    own = valid_blk & (seg_blk == owner[:, None])  # an example's last, shared block does not update
-    fam, hist, hist_valid, kF, vF, mask = _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk,
-                                                    v_blk, own, offset)
-    carry = (fam, from_prompt & ~jnp.all(own, axis=-1), owner, hist, hist_valid)
-    return carry, (kF, vF, owner, None if cfg.fam_history == 1 else mask)
+  first = seg_blk[:, 0]
+  restart = (first > 0) & (first != carry.owner)
+  owner = jnp.where(restart, first, carry.owner)
+  carry = FamCarry(fam=jnp.where(restart[:, None, None], start.fam, carry.fam),
+                   from_prompt=jnp.where(restart, start.from_prompt, carry.from_prompt),
+                   hist=carry.hist, hist_valid=jnp.where(restart[:, None], False, carry.hist_valid),
+                   owner=owner)
+  own = valid_blk & (seg_blk == owner[:, None])  # an example's last, shared block does not update
+  return carry, own
 
-  blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
-  (fam, _, _, hist, hist_valid), (kF, vF, owner, mask) = jax.lax.scan(
-      step, (fam0, from_prompt0, seg[:, 0, 0], hist0, hist_valid0),
-      (blocks_first(k_blocks), blocks_first(v_blocks), blocks_first(valid), blocks_first(seg)))
-  return fam, hist, hist_valid, kF, vF, mask, jnp.moveaxis(owner, 0, 1)
+
+def fam_scan_step(p: dict, cfg: ModelConfig, start: FamCarry, offset, carry: FamCarry, block):
+  """One block of the FAM scan (spec §9 step 2): the FAM keys/values its tokens read (§3 step 2) and
+  the FAM after it (§3 steps 1 and 3, `fam_update`).
+
+  block: k [B, S, K, H] (rotated at 0..S-1), v, valid [B, S], and seg [B, S] (packed: first the restart
+  rule of `fam_restarts`) or None. Returns the next carry and (kF, vF [B, k*F, K, H]: F_prev's, after
+  the older states' with fam_history = k > 1; the example the FAM belongs to [B] or None; the mask of
+  those k*F keys [B, k*F], or None with fam_history = 1: the spec's F_{tau-1} is always there).
+  """
+  k_blk, v_blk, valid_blk, seg_blk = block
+  if seg_blk is not None:
+    carry, valid_blk = fam_restarts(start, carry, seg_blk, valid_blk)
+  new, kF, vF = fam_update(p, cfg, carry.fam, carry.from_prompt, k_blk, v_blk, valid_blk, offset)
+  hist, hist_valid, mask = carry.hist, carry.hist_valid, None
+  if cfg.fam_history > 1:
+    kH, vH, mH = history_keys(p, cfg, hist, hist_valid, offset)
+    mask = jnp.concatenate([mH, jnp.ones(kF.shape[:2], bool)], axis=1)  # F_prev: always there
+    kF, vF = jnp.concatenate([kH, kF], axis=1), jnp.concatenate([vH, vF], axis=1)
+    hist, hist_valid = _push_history(hist, hist_valid, carry.fam, jnp.all(valid_blk, axis=-1))
+  from_prompt = carry.from_prompt & ~jnp.all(valid_blk, axis=-1)
+  return FamCarry(new, from_prompt, hist, hist_valid, carry.owner), (kF, vF, carry.owner, mask)
+
+
+def fam_scan(p: dict, cfg: ModelConfig, start: FamCarry, k_blocks, v_blocks, valid, seg, offset):
+  """Spec §9 step 2, the only sequential part of a layer: a `lax.scan` over the chunk's C blocks that
+  carries only the FAM state (`fam_scan_step`, F rows per block).
+
+  start: the layer's FAM before the chunk (its owner unset). k_blocks [B, C, S, K, H] (rotated in their
+  blocks), v_blocks, valid [B, C, S]; seg [B, C, S] the packed examples' ids, or None. Returns the state
+  after the chunk (a FamCarry), kF, vF [B, C, k*F, K, H] (the FAM states block c saw: F_{c-1}, older
+  ones first), their mask [B, C, k*F] (None with fam_history = 1) and the example that FAM belongs to
+  [B, C] (None when not packed).
+  """
+  if seg is not None:  # the FAM the chunk starts from belongs to its first example (`fam_restarts`)
+    start = start._replace(owner=seg[:, 0, 0])
+  blocks_first = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
+  end, seen = jax.lax.scan(functools.partial(fam_scan_step, p, cfg, start, offset), start,
+                           tuple(map(blocks_first, (k_blocks, v_blocks, valid, seg))))
+  kF, vF, owner, mask = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), seen)
+  return end, kF, vF, mask, owner
+
+
+def _fam_mask(seen, owner, q_seg, shape) -> jax.Array:
+  """Which FAM keys each query of a block reads, [B, C, Q or 1, k*F] (`shape` [B, C, 1, k*F]): all of
+  them (spec §3 step 2), but with fam_history > 1 only states that exist (`seen` [B, C, k*F]), and when
+  packed only the FAM of the query's own example (an example that starts inside a block reads no FAM
+  there; `owner` [B, C], q_seg [B, C, Q])."""
+  mask = jnp.ones(shape, bool) if seen is None else seen[:, :, None]
+  if owner is not None:
+    mask = mask & (q_seg == owner[:, :, None])[..., None]
+  return mask
+
+
+def _lay_out(new: jax.Array, start, C: int, S: int, fill, under: jax.Array | None = None) -> jax.Array:
+  """A chunk's rows new [B, n, ...] at slots start .. start+n-1 of its C blocks of S slots: [B, C, S, ...].
+  Slots before `start` hold `under` (the pending block's rows, the chunk continuing it; spec §9
+  streaming), or `fill` as every other slot does."""
+  Bsz = new.shape[0]
+  buf = jnp.full((Bsz, C * S) + new.shape[2:], fill, new.dtype)
+  if under is not None:
+    buf = buf.at[:, :S].set(under)
+  buf = jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+  return buf.reshape((Bsz, C, S) + new.shape[2:])
+
+
+def _block_positions(S: int, shift: int, offset) -> jax.Array:
+  """Positions [(B,) 1, S] of a block that starts `shift` tokens before the query block (spec §5: every
+  angle relative to the block whose queries use it)."""
+  return _positions(jnp.arange(S) - shift, offset)[..., None, :]
+
+
+def key_blocks(cfg: ModelConfig, k, v, ctx: LayerContext, info: ChunkInfo, C: int, max_pending: int):
+  """The keys/values a chunk's C query blocks read (spec §2), from the new k/v [B, n, K, H] and the
+  layer's context.
+
+  Returns rows: the chunk's own blocks, k rotated at 0..S-1 (§5), v, valid [B, C, S]; and ext: the
+  context's m memory blocks then the chunk's blocks, unrotated, so that block c's memory is
+  ext[:, c .. c+m-1] (k, v [B, m + C, S, K, H], valid [B, m + C, S], and packed: seg, -1 in memory).
+  """
+  S, m = cfg.block_size, cfg.memory_blocks  # m: mem_segments, or the blocks a swa window covers
+  Bsz, n, K, H = k.shape
+  start = info.pending
+  mem_k, pend_k = ctx.k[:, :m * S].reshape(Bsz, m, S, K, H), ctx.k[:, m * S:]
+  mem_v, pend_v = ctx.v[:, :m * S].reshape(Bsz, m, S, K, H), ctx.v[:, m * S:]
+  kb = _lay_out(k, start, C, S, 0, pend_k if max_pending else None)
+  vb = _lay_out(v, start, C, S, 0, pend_v if max_pending else None)
+  slot = jnp.arange(C * S).reshape(C, S)
+  valid = jnp.broadcast_to(slot < start + n, (Bsz, C, S))
+  if info.token_valid is not None:
+    valid = valid & _lay_out(info.token_valid, start, C, S, True)
+  mem_valid = jnp.broadcast_to((jnp.arange(m) >= m - info.context)[None, :, None], (Bsz, m, S))
+  ext = {"k": jnp.concatenate([mem_k, kb], axis=1), "v": jnp.concatenate([mem_v, vb], axis=1),
+         "valid": jnp.concatenate([mem_valid, valid], axis=1)}
+  rows = {"k": rope(kb, _block_positions(S, 0, info.position_offset), cfg.rope_theta), "v": vb,
+          "valid": valid}
+  if info.segment_ids is not None:  # packed examples' ids, for the masks; memory belongs to none
+    seg = _lay_out(info.segment_ids, start, C, S, -1)
+    ext["seg"] = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
+  return rows, ext
+
+
+def query_blocks(cfg: ModelConfig, q, info: ChunkInfo, C: int):
+  """A chunk's queries q [B, n, N, H] as rows of its C blocks, rotated at their slot in their block
+  (spec §5): [B, C, Q, N, H], their slots [C, Q], and packed their example ids [B, C, Q] (else None).
+
+  A chunk inside one block (C = 1: decode) has only its n rows (Q = n); otherwise every slot of every
+  block (Q = S), of which `chunk_outputs` keeps n.
+  """
+  S, n, start = cfg.block_size, q.shape[1], info.pending
+  if C == 1:
+    q_slot, q_rows, seg = (start + jnp.arange(n))[None], q[:, None], info.segment_ids
+    seg = None if seg is None else seg[:, None]
+  else:
+    q_slot, q_rows = jnp.broadcast_to(jnp.arange(S), (C, S)), _lay_out(q, start, C, S, 0)
+    seg = None if info.segment_ids is None else _lay_out(info.segment_ids, start, C, S, -1)
+  return rope(q_rows, _positions(q_slot, info.position_offset), cfg.rope_theta), q_slot, seg
+
+
+def _sliding_window(cfg: ModelConfig, mask: jax.Array, slots: jax.Array, j: int) -> jax.Array:
+  """**[famjax ablation]** swa: a key j*S + q_slot - key_slot tokens back is seen only if < window."""
+  if cfg.attention != "swa":
+    return mask
+  S = cfg.block_size
+  return mask & ((j * S + slots[:, :, None] - jnp.arange(S)[None, None, :]) < cfg.window)  # [G, Q, S]
+
+
+def _as_cached_memory(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+  """**[famjax ablation]** mem_stop_gradient: memory keys/values as Transformer-XL's cached memory."""
+  return jax.lax.stop_gradient(x) if cfg.mem_stop_gradient else x
+
+
+def block_keys(cfg: ModelConfig, q_slot, offset, rows: dict, ext: dict):
+  """The keys, values and mask of G query blocks (rows [B, G, ...], ext [B, m + G, ...]; see `_in_groups`),
+  in spec §2's pattern: the own block causally, the m memory blocks before it whole (swa: a sliding
+  window instead), then the FAM keys of §3 step 2 (rows' fam_k, fam_v, fam_mask). Memory keys are
+  rotated here, at their offset from the query block (§5). Packed: a key of another example counts as
+  padding. Returns keys, values [B, G, R, K, H] and the mask [B, G, Q, R]."""
+  S, m = cfg.block_size, cfg.memory_blocks
+  Bsz, G = rows["q"].shape[:2]
+  slots = q_slot[:G]
+  Q = slots.shape[1]
+  back = lambda x, j: x[:, m - j:m - j + G]  # the blocks j blocks before the query blocks (j = 0: theirs)
+  if "seg" in rows:
+    same_example = lambda j, seen: seen & (rows["seg"][:, :, :, None] == back(ext["seg"], j)[:, :, None, :])
+  else:
+    same_example = lambda j, seen: seen
+
+  keys, values = [rows["k"]], [rows["v"]]
+  causal = jnp.arange(S)[None, None, :] <= slots[:, :, None]  # [G, Q, S]
+  masks = [_sliding_window(cfg, same_example(0, causal & rows["valid"][:, :, None, :]), slots, 0)]
+  for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2; swa: sliding)
+    keys.append(_as_cached_memory(cfg, rope(back(ext["k"], j), _block_positions(S, j * S, offset),
+                                            cfg.rope_theta)))
+    values.append(_as_cached_memory(cfg, back(ext["v"], j)))
+    seen = same_example(j, back(ext["valid"], j)[:, :, None, :]) & jnp.ones((Q, 1), bool)
+    masks.append(_sliding_window(cfg, seen, slots, j))
+  if cfg.has_fam:
+    keys.append(rows["fam_k"])
+    values.append(rows["fam_v"])
+    masks.append(rows["fam_mask"])
+  masks = [jnp.broadcast_to(mask, (Bsz, G, Q, mask.shape[-1])) for mask in masks]
+  return jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2), jnp.concatenate(masks, axis=-1)
+
+
+def attend_blocks(cfg: ModelConfig, q_slot, offset, rows: dict, ext: dict) -> jax.Array:
+  """Spec §3 step 2's attention (§2's without FAM) of G query blocks: softmax(q.k) v over `block_keys`
+  with the kernel of ModelConfig.attention_impl (`_attention`). [B, G, Q, N, H]."""
+  keys, values, mask = block_keys(cfg, q_slot, offset, rows, ext)
+  return _attention(cfg)(rows["q"], keys, values, mask)
+
+
+def chunk_outputs(out: jax.Array, start, n: int) -> jax.Array:
+  """The rows of the chunk's n tokens [B, n, N, H] from those of its blocks [B, C, Q, N, H]."""
+  Bsz, C = out.shape[:2]
+  if C == 1:  # Q = n: only the new tokens' rows were computed
+    return out[:, 0]
+  return jax.lax.dynamic_slice_in_dim(out.reshape(Bsz, C * out.shape[2], *out.shape[3:]), start, n, axis=1)
+
+
+def next_window(cfg: ModelConfig, ext_x: jax.Array, end) -> jax.Array:
+  """The keys (or values) a layer keeps after a chunk that ends at slot `end` of its blocks (spec §9
+  streaming state): the m blocks before the new pending block, then that block, [B, (m+1)*S, K, H]."""
+  m = cfg.memory_blocks
+  complete_blocks = end // cfg.block_size
+  padded = jnp.concatenate([ext_x, jnp.zeros_like(ext_x[:, :1])], axis=1)
+  kept = jax.lax.dynamic_slice_in_dim(padded, complete_blocks, m + 1, axis=1)
+  return kept.reshape(kept.shape[0], -1, *kept.shape[3:])
 
 
 def block_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo,
                           max_pending: int):
   """bswa / fam attention of a chunk's queries (spec §2, §3 step 2), plus the layer's next context.
 
-  q [B, n, N, H], k/v [B, n, K, H] are the new tokens' projections. The chunk continues the pending
-  block: new token i sits at slot `pending + i` of the chunk's blocks. `max_pending` (static) bounds
-  `pending` and so fixes how many blocks the chunk spans.
+  q [B, n, N, H], k/v [B, n, K, H] are the new tokens' projections (§9 step 1). The chunk continues the
+  pending block: new token i sits at slot `pending + i` of the chunk's blocks. `max_pending` (static)
+  bounds `pending` and so fixes how many blocks the chunk spans.
   """
-  S, m = cfg.block_size, cfg.memory_blocks  # m: mem_segments, or the blocks a swa window covers
-  Bsz, n, K, H = k.shape
-  C = -(-(max_pending + n) // S)  # blocks the chunk touches
-  start = info.pending
-
-  def lay_out(new, pending_block, fill):
-    """New rows at slots start..start+n-1 of C blocks, after the pending rows: [B, C, S, ...]."""
-    buf = jnp.full((Bsz, C * S) + new.shape[2:], fill, new.dtype)
-    if max_pending and pending_block is not None:
-      buf = buf.at[:, :S].set(pending_block)
-    buf = jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
-    return buf.reshape((Bsz, C, S) + new.shape[2:])
-
-  mem_k, pend_k = ctx.k[:, :m * S].reshape(Bsz, m, S, K, H), ctx.k[:, m * S:]
-  mem_v, pend_v = ctx.v[:, :m * S].reshape(Bsz, m, S, K, H), ctx.v[:, m * S:]
-  kb = lay_out(k, pend_k, 0)
-  vb = lay_out(v, pend_v, 0)
-  slot = jnp.arange(C * S).reshape(C, S)
-  valid = jnp.broadcast_to(slot < start + n, (Bsz, C, S))
-  if info.token_valid is not None:
-    valid = valid & lay_out(info.token_valid, None, True)
-
-  # Memory: the context's m blocks, then the chunk's own; block c's memory is ext[c .. c+m-1].
-  mem_valid = jnp.broadcast_to((jnp.arange(m) >= m - info.context)[None, :, None], (Bsz, m, S))
-  ext_k = jnp.concatenate([mem_k, kb], axis=1)
-  ext_v = jnp.concatenate([mem_v, vb], axis=1)
-  ext_valid = jnp.concatenate([mem_valid, valid], axis=1)
-
-  def block_positions(shift):  # positions of a block starting `shift` tokens before the query block
-    return _positions(jnp.arange(S) - shift, info.position_offset)[..., None, :]  # [(B,) 1, S]
-
-  # Query rows [B, C, Q, N, H] and their slots in their block [C, Q]. A chunk inside one block (decode)
-  # computes only its n rows; otherwise every slot of every block, of which n are kept.
-  if C == 1:
-    q_slot = (start + jnp.arange(n))[None]
-    q_rows = q[:, None]
-  else:
-    q_slot = jnp.broadcast_to(jnp.arange(S), (C, S))
-    q_rows = lay_out(q, None, 0)
-  Q = q_slot.shape[1]
-  q_rot = rope(q_rows, _positions(q_slot, info.position_offset), cfg.rope_theta)
-
-  k_self = rope(kb, block_positions(0), cfg.rope_theta)
-  # What the attention of each query block reads: rows [B, C, ...], one entry per query block; ext
-  # [B, m + C, ...], the blocks memory keys come from (see _in_groups).
-  rows = {"q": q_rot, "k": k_self, "v": vb, "valid": valid}
-  ext = {"k": ext_k, "v": ext_v, "valid": ext_valid}
-  if info.segment_ids is not None:  # packed examples' ids, for the masks
-    seg = lay_out(info.segment_ids, None, -1)
-    q_seg = info.segment_ids[:, None] if C == 1 else seg
+  n = k.shape[1]
+  C = -(-(max_pending + n) // cfg.block_size)  # blocks the chunk touches
+  rows, ext = key_blocks(cfg, k, v, ctx, info, C, max_pending)  # each block's keys, and its memory's
+  rows["q"], q_slot, q_seg = query_blocks(cfg, q, info, C)
+  if q_seg is not None:
     rows["seg"] = q_seg
-    ext["seg"] = jnp.concatenate([jnp.full((Bsz, m, S), -1, seg.dtype), seg], axis=1)
-
-  new_fam, new_hist, new_hist_valid = ctx.fam, ctx.fam_hist, ctx.fam_hist_valid
-  if cfg.has_fam:
-    # Step 2 of spec §9: the only sequential part, F rows per block (k*F keys with fam_history = k).
-    blocks_first = lambda a: jnp.moveaxis(a, 1, 0)
-    if info.segment_ids is None:
-      def step(carry, blk):
-        fam, from_prompt, hist, hist_valid = carry
-        k_blk, v_blk, valid_blk = blk
-        fam, hist, hist_valid, kF, vF, mask = _fam_step(p, cfg, fam, from_prompt, hist, hist_valid, k_blk,
-                                                        v_blk, valid_blk, info.position_offset)
-        carry = (fam, from_prompt & ~jnp.all(valid_blk, axis=-1), hist, hist_valid)
-        return carry, ((kF, vF) if cfg.fam_history == 1 else (kF, vF, mask))
-
-      (new_fam, _, new_hist, new_hist_valid), seen = jax.lax.scan(
-          step, (ctx.fam, info.fam_from_prompt, ctx.fam_hist, ctx.fam_hist_valid),
-          (blocks_first(k_self), blocks_first(vb), blocks_first(valid)))
-      if cfg.fam_history == 1:  # the spec: F_{c-1} only, always there
-        (kF, vF), fam_mask = seen, jnp.ones((Bsz, C, Q, cfg.fam_len), bool)
-      else:
-        kF, vF, fam_mask = seen
-        fam_mask = jnp.moveaxis(fam_mask, 0, 1)[:, :, None]  # [B, C, 1, k*F]
-    else:
-      new_fam, new_hist, new_hist_valid, kF, vF, fam_mask, fam_seg = fam_restarts(
-          p, cfg, ctx.fam, info.fam_from_prompt, ctx.fam_hist, ctx.fam_hist_valid, k_self, vb, valid, seg,
-          info.position_offset)
-      # A query reads the FAM only if it belongs to its example (an example that starts inside a block
-      # reads no FAM in that block); [B, C, Q, k*F].
-      same = (q_seg == fam_seg[:, :, None])[..., None]
-      fam_mask = jnp.broadcast_to(same, (Bsz, C, Q, cfg.fam_len)) if fam_mask is None else \
-          same & jnp.moveaxis(fam_mask, 0, 1)[:, :, None]
-    # [B, C, k*F, K, H]: the FAM block c saw (F_{c-1}, older ones first)
-    rows.update(fam_k=jnp.moveaxis(kF, 0, 1), fam_v=jnp.moveaxis(vF, 0, 1), fam_mask=fam_mask)
-
-  def attend_group(rows, ext):
-    """The attention of G query blocks (rows [B, G, ...]) given their memory blocks (ext [B, m+G, ...])."""
-    G = rows["q"].shape[1]
-    slots = q_slot[:G]
-    if info.segment_ids is not None:  # a key from another packed example counts as padding
-      same_example = lambda j, seen: seen & (rows["seg"][:, :, :, None]
-                                             == ext["seg"][:, m - j:m - j + G, None, :])
-    else:
-      same_example = lambda j, seen: seen
-
-    def sliding(mask, j):
-      """[famjax ablation] swa: a key j*S + q_slot - key_slot tokens back is seen only if < window."""
-      if cfg.attention != "swa":
-        return mask
-      return mask & ((j * S + slots[:, :, None] - jnp.arange(S)[None, None, :]) < cfg.window)  # [G, Q, S]
-
-    def memory(x):
-      """[famjax ablation] mem_stop_gradient: memory keys/values as Transformer-XL's cached memory."""
-      return jax.lax.stop_gradient(x) if cfg.mem_stop_gradient else x
-
-    keys, values = [rows["k"]], [rows["v"]]
-    causal = jnp.arange(S)[None, None, :] <= slots[:, :, None]  # [G, Q, S]
-    masks = [sliding(same_example(0, causal & rows["valid"][:, :, None, :]), 0)]
-    for j in range(1, m + 1):  # memory block j blocks back: whole, no sliding mask (spec §2; swa: sliding)
-      keys.append(memory(rope(ext["k"][:, m - j:m - j + G], block_positions(j * S), cfg.rope_theta)))
-      values.append(memory(ext["v"][:, m - j:m - j + G]))
-      seen = same_example(j, ext["valid"][:, m - j:m - j + G, None, :]) & jnp.ones((Q, 1), bool)
-      masks.append(sliding(seen, j))
-    if cfg.has_fam:
-      keys.append(rows["fam_k"])
-      values.append(rows["fam_v"])
-      masks.append(rows["fam_mask"])
-    masks = [jnp.broadcast_to(mask, (Bsz, G, Q, mask.shape[-1])) for mask in masks]
-    return _attention(cfg)(rows["q"], jnp.concatenate(keys, axis=2), jnp.concatenate(values, axis=2),
-                           jnp.concatenate(masks, axis=-1))
-
-  out = _in_groups(cfg, attend_group, rows, ext, m)
-  if C == 1:
-    out = out[:, 0]
-  else:
-    out = jax.lax.dynamic_slice_in_dim(out.reshape(Bsz, C * S, *out.shape[-2:]), start, n, axis=1)
-
-  # Next context: the m blocks before the (new) pending block, then that block.
-  complete_blocks = (start + n) // S
-  pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :1])], axis=1)
-  window = lambda a: jax.lax.dynamic_slice_in_dim(pad(a), complete_blocks, m + 1, axis=1).reshape(
-      Bsz, (m + 1) * S, K, H)
-  return out, LayerContext(window(ext_k), window(ext_v), new_fam, new_hist, new_hist_valid)
+  fam = FamCarry(ctx.fam, info.fam_from_prompt, ctx.fam_hist, ctx.fam_hist_valid, owner=None)
+  if cfg.has_fam:  # §9 step 2: the FAM each block saw, F_{c-1}, from the scan over blocks
+    block_seg = None if q_seg is None else ext["seg"][:, cfg.memory_blocks:]
+    fam, fam_k, fam_v, seen, owner = fam_scan(p, cfg, fam, rows["k"], rows["v"], rows["valid"], block_seg,
+                                              info.position_offset)
+    fam_mask = _fam_mask(seen, owner, q_seg, (*fam_k.shape[:2], 1, fam_k.shape[2]))
+    rows.update(fam_k=fam_k, fam_v=fam_v, fam_mask=fam_mask)
+  # §9 step 3: the attention of every block at once (or attention_chunk blocks at a time)
+  attend_group = functools.partial(attend_blocks, cfg, q_slot, info.position_offset)
+  out = _in_groups(cfg, attend_group, rows, ext, cfg.memory_blocks)
+  window = functools.partial(next_window, cfg, end=info.pending + n)
+  next_ctx = LayerContext(window(ext["k"]), window(ext["v"]), fam.fam, fam.hist, fam.hist_valid)
+  return chunk_outputs(out, info.pending, n), next_ctx
 
 
 def full_attention_layer(p: dict, cfg: ModelConfig, q, k, v, ctx: LayerContext, info: ChunkInfo):

@@ -20,9 +20,11 @@ Each entry carries logical axis names (LOGICAL_AXES) that the parallelism packag
 from __future__ import annotations
 
 import functools
+import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from famjax.model.config import ModelConfig
 
@@ -78,6 +80,12 @@ def param_shapes(cfg: ModelConfig) -> dict:
   return shapes
 
 
+def param_key(key: jax.Array, path: str) -> jax.Array:
+  """The random key of the parameter at `path` ("embed", "layers/q"): `key` folded with the CRC-32 of the
+  path, so it depends on the parameter's name and on nothing else in the tree."""
+  return jax.random.fold_in(key, np.uint32(zlib.crc32(path.encode())))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   """Random initialisation: norms at 1, matrices and embeddings ~ N(0, init_std^2), the FAM write
@@ -86,13 +94,17 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
   The FAM prompt (or prefix) is drawn like token embeddings (times sqrt(D) when `embed_scale`), so it starts on the
   distribution of the inputs it stands in for. Output projections (o, down) are scaled by
   1/sqrt(2 L), as in GPT-2, so the residual stream does not grow with depth.
+
+  Each parameter draws from its own key, `param_key(key, path)` with path its name in the tree
+  ("layers/q"): it depends only on `key` and that name, not on which other parameters exist. So two
+  configs that differ by a switch adding parameters (fam_gate, fam_init="prefix", attention bswa vs fam,
+  untied lm_head) start every parameter they share, of the same shape and scale, identical at the same key.
   """
   shapes = param_shapes(cfg)
   dtype = cfg.storage_dtype
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(key, len(flat))
   leaves = []
-  for (path, shape), k in zip(flat, keys):
+  for path, shape in flat:
     name = path[-1].key
     if name.endswith("norm"):
       leaves.append(jnp.ones(shape, dtype))
@@ -105,5 +117,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
       std = std / (2 * cfg.n_layers) ** 0.5
     if name in ("fam_prompt", "fam_prefix") and cfg.embed_scale:
       std = std * cfg.d_model ** 0.5
+    k = param_key(key, "/".join(entry.key for entry in path))
     leaves.append((std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
