@@ -11,10 +11,15 @@ The mixture is Flan-shaped, with the byte vocabulary: 4 JSONL tasks of different
 medium; short), mixed at rates proportional to their sizes, in files of about --file_mb MB (each file
 one tokenization unit), with one malformed record in 500 (counted and skipped).
 
-1. tokenize_tokens_per_s: the Beam pipeline (DirectRunner, multi_processing) with 1 and with 2 worker
-   processes, each into a store of its own: tokens over the pipeline's wall time, start-up included
-   (and, as tokenize_span_tokens_per_s, over the span from the first unit's start to the last one's
-   end). examples_identical: every unit's examples_sha256 equal in both builds.
+1. tokenize_tokens_per_s: the Beam pipeline (DirectRunner, multi_processing), each build into a store
+   of its own and in a child process held to its cores (os.sched_setaffinity, inherited by the Beam
+   workers): 1 worker on 1 core and 2 workers on 2 cores (worker scaling: one core per worker, as a
+   cluster gives them), tokens over the pipeline's wall time, start-up included (and, as
+   tokenize_span_tokens_per_s, over the span from the first unit's start to the last one's end);
+   tokenize_cores_busy: the CPU seconds of the driver and its workers over the wall time. And
+   tokenize_one_worker_two_cores: 1 worker free to use both cores (TensorFlow's
+   pipeline threads run beside the worker's Python thread), against which 2 workers gain less.
+   examples_identical: every unit's examples_sha256 equal in the three builds.
 2. plan_seconds_paper, plan_peak_gib: the packing plan of the paper's run over those examples:
    --plan_rows rows (6.4M = 50,000 steps x 128) of 8704 tokens with the 256-token repeated segment,
    computed by a child process that only opens the store and plans; its peak resident memory (the whole
@@ -103,16 +108,30 @@ def _time(stamp: str) -> float:
   return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
 
 
-def tokenize(sources, root: str, workers: int) -> dict:
-  """One Beam build (DirectRunner, multi_processing, `workers` processes) into `root`."""
-  from famjax.data import store, tokenize as tokenize_lib  # pylint: disable=import-outside-toplevel
+def tokenize(sources, root: str, workers: int, cores: list[int]) -> dict:
+  """One Beam build (DirectRunner, multi_processing, `workers` processes) into `root`, in a child process
+  held to `cores` (os.sched_setaffinity; the Beam workers it starts inherit it)."""
+  return child_process("--tokenize_child", json.dumps({"sources": sources, "root": root, "workers": workers,
+                                                        "cores": cores}), "TOKENIZE")
+
+
+def tokenize_child(args) -> None:
+  """In a child process: the Beam build of `tokenize`; prints wall, span, tokens, hashes and the CPU
+  seconds of this process and its children (the driver and the Beam workers)."""
+  from famjax.data import flan, store, tokenize as tokenize_lib  # pylint: disable=import-outside-toplevel
+  flan.UNIT_BYTES = 1  # every input file its own unit, as in main
+  request = json.loads(args.tokenize_child)
+  os.sched_setaffinity(0, request["cores"])
+  sources, root, workers = tuple(tuple(s) for s in request["sources"]), request["root"], request["workers"]
   cfg = config(sources, root)
   options = ["--runner=DirectRunner", f"--direct_num_workers={workers}",
              "--direct_running_mode=multi_processing", "--default_sdk_harness_log_level=ERROR"]
   _, _, requests = store._requests(cfg, root)  # pylint: disable=protected-access
+  cpu0 = _cpu_seconds()
   t0 = time.perf_counter()
   built = tokenize_lib.ensure(cfg, requests, beam_options=options, say=lambda _: None)
   wall = time.perf_counter() - t0
+  cpu = _cpu_seconds() - cpu0
   summaries = []
   for r in requests:
     build, units = built[r.task]
@@ -120,8 +139,16 @@ def tokenize(sources, root: str, workers: int) -> dict:
     summaries += [json.load(open(f"{directory}/unit-{k:05d}.json")) for k in range(units)]
   tokens = sum(s["tokens"] for s in summaries)
   span = max(_time(s["finished"]) for s in summaries) - min(_time(s["started"]) for s in summaries)
-  return {"wall": wall, "span": span, "tokens": tokens, "examples": sum(s["examples"] for s in summaries),
-          "units": len(summaries), "hashes": [s["examples_sha256"] for s in summaries]}
+  print("TOKENIZE " + json.dumps({
+      "wall": wall, "span": span, "tokens": tokens, "examples": sum(s["examples"] for s in summaries),
+      "units": len(summaries), "hashes": [s["examples_sha256"] for s in summaries], "cpu": cpu,
+      "workers": workers, "cores": request["cores"]}))
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU seconds of this process and its waited-for children."""
+  own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def plan_child(args) -> None:
@@ -234,10 +261,15 @@ def demo_step(root: str, steps: int = 5) -> tuple[float, str]:
 
 
 def child(args, flag: str, value: str, key: str) -> dict:
-  """Runs this script with `flag` in a child process; returns what it printed after `key`."""
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), flag, value, "--root", args.root,
-                        "--plan_rows", str(args.plan_rows)], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
+  """Runs this script with `flag` (and the store and plan size) in a child process; returns what it
+  printed after `key`."""
+  return child_process(flag, value, key, "--root", args.root, "--plan_rows", str(args.plan_rows))
+
+
+def child_process(flag: str, value: str, key: str, *more: str) -> dict:
+  """Runs this script with `flag` `value` `more` in a child process; returns what it printed after `key`."""
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), flag, value, *more], capture_output=True,
+                       text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"})
   if out.returncode or f"{key} " not in out.stdout:
     raise SystemExit(f"the child process ({flag}) failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.split(f"{key} ", 1)[1].splitlines()[0])
@@ -255,11 +287,15 @@ def main():
   parser.add_argument("--dir", default="", help="where the data and stores go (default: a temporary dir)")
   parser.add_argument("--out", default="", help="the JSON of the results")
   parser.add_argument("--plan_child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--tokenize_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--demo_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--root", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.plan_child:
     plan_child(args)
+    return
+  if args.tokenize_child:
+    tokenize_child(args)
     return
   if args.demo_child:
     demo_child(args)
@@ -274,16 +310,22 @@ def main():
   sources = write_mixture(os.path.join(work, "mixture"), args.examples, int(args.file_mb * 2**20))
   print(f"mixture written in {time.perf_counter() - t0:.1f} s", flush=True)
 
-  builds = {}
-  for workers in (1, 2):
-    builds[workers] = tokenize(sources, os.path.join(work, f"stores{workers}"), workers)
-    b = builds[workers]
-    print(f"tokenized with {workers} Beam worker(s): {b['examples']:,} examples, {b['tokens']:,} tokens in "
-          f"{b['units']} files, {b['wall']:.1f} s ({b['span']:.1f} s from the first file to the last)",
-          flush=True)
-  identical = builds[1]["hashes"] == builds[2]["hashes"]
+  # Worker scaling: one worker held to one core, then two workers on two cores (one core each, as a
+  # cluster gives its workers); and one worker free to use both cores, as `--workers=1` runs here.
+  cores = sorted(os.sched_getaffinity(0))
+  builds, shared = {}, None
+  for workers, held in ((1, cores[:1]), (2, cores[:2]), (1, cores[:2])):
+    b = tokenize(sources, os.path.join(work, f"stores{workers}_{len(held)}"), workers, held)
+    print(f"tokenized with {workers} Beam worker(s) on {len(held)} core(s): {b['examples']:,} examples, "
+          f"{b['tokens']:,} tokens in {b['units']} files, {b['wall']:.1f} s ({b['span']:.1f} s from the first "
+          f"file to the last), {b['cpu'] / b['wall']:.2f} cores busy on average", flush=True)
+    if workers == 1 and len(held) == 2:
+      shared = b
+    else:
+      builds[workers] = b
+  identical = builds[1]["hashes"] == builds[2]["hashes"] == shared["hashes"]
 
-  root = args.root = os.path.join(work, "stores1")
+  root = args.root = os.path.join(work, "stores1_1")
   plan = child(args, "--plan_child", json.dumps(sources), "PLAN")
   print(f"plan of {args.plan_rows:,} rows: {plan['seconds']:.1f} s, peak {plan['peak_gib']:.2f} GiB",
         flush=True)
@@ -312,6 +354,11 @@ def main():
       "tokenize_tokens_per_s": {str(w): round(b["tokens"] / b["wall"]) for w, b in builds.items()},
       "tokenize_span_tokens_per_s": {str(w): round(b["tokens"] / b["span"]) for w, b in builds.items()},
       "tokenize_speedup": round(builds[1]["wall"] / builds[2]["wall"], 2),
+      "tokenize_cores_busy": {str(w): round(b["cpu"] / b["wall"], 2) for w, b in builds.items()},
+      "tokenize_one_worker_two_cores": {"tokens_per_s": round(shared["tokens"] / shared["wall"]),
+                                        "span_tokens_per_s": round(shared["tokens"] / shared["span"]),
+                                        "cores_busy": round(shared["cpu"] / shared["wall"], 2),
+                                        "speedup_of_two_workers": round(shared["wall"] / builds[2]["wall"], 2)},
       "examples_identical": identical,
       "plan_rows": args.plan_rows, "seq_len": 8704,
       "plan_seconds_paper": round(plan["seconds"], 1), "plan_peak_gib": round(plan["peak_gib"], 3),

@@ -121,7 +121,7 @@ def make_example(rng: Union[np.random.Generator, int], filler_chars: int,
     raise ValueError(f"depth must be in [0, 1], got {depth}")
   if filler_chars < 0:
     raise ValueError(f"filler_chars must be >= 0, got {filler_chars}")
-  text = _filler(filler_chars, fmt, rng)
+  text = filler_text(filler_chars, fmt, rng)
   cut = int(round(depth * filler_chars))
   if fmt.filler == "sentences":
     boundary = text.rfind(". ", 0, cut)  # the last sentence boundary that ends at or before the cut
@@ -132,7 +132,7 @@ def make_example(rng: Union[np.random.Generator, int], filler_chars: int,
                         key_offset=key_offset)
 
 
-def _filler(n_chars: int, fmt: PasskeyFormat = PAPER, rng: Optional[np.random.Generator] = None) -> str:
+def filler_text(n_chars: int, fmt: PasskeyFormat = PAPER, rng: Optional[np.random.Generator] = None) -> str:
   """`n_chars` of filler: FILLER repeated ("sentences"), letters drawn uniformly from FILLER_ALPHABET
   ("random"), or REPEATED_PHRASE repeated from a random phase ("repeated"). Sentence filler draws nothing
   from `rng`, so its examples do not depend on the filler kind's existence."""
@@ -178,7 +178,7 @@ def make_train_examples(filler_tokens: tuple[int, int], vocabulary, fmt: Passkey
     ex = make_example(rng, int(rng.integers(low, high + 1)), fmt=fmt)
     return ex.prompt, ex.answer
 
-  return _endless(7, draw)
+  return endless(7, draw)
 
 
 def make_train_total_examples(totals: tuple[int, ...], vocabulary, fmt: PasskeyFormat = RANDOM):
@@ -190,10 +190,10 @@ def make_train_total_examples(totals: tuple[int, ...], vocabulary, fmt: PasskeyF
     ex = make_example(rng, fillers[int(rng.integers(len(fillers)))], fmt=fmt)
     return ex.prompt, ex.answer
 
-  return _endless(11, draw)
+  return endless(11, draw)
 
 
-def _endless(salt: int, draw):
+def endless(salt: int, draw):
   """ExampleFn of an endless stream: example `i` is draw(rng of (seed, salt, split, i)), whatever the
   sharding; `.range(split, seed, start, stop)` gives examples start, ..., stop - 1 (tokenization units)."""
   return _EndlessExamples(salt, draw)

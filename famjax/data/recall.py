@@ -29,7 +29,7 @@ from typing import Iterator, Union
 import numpy as np
 
 from famjax.data import passkey
-from famjax.data.passkey import _endless  # the same endless, shard-independent example stream
+from famjax.data.passkey import endless  # the same endless, shard-independent example stream
 
 NAME_LETTERS = "abcdefghijklmnopqrstuvwxyz"  # key names: 2 of these (676 names)
 NAME_LENGTH = 2
@@ -113,7 +113,7 @@ def make_example(rng: Union[np.random.Generator, int], filler_chars: int, fmt: R
     raise ValueError(f"depth must be in [0, 1], got {depth}")
   names = _distinct(rng, fmt.keys, len(NAME_LETTERS) ** NAME_LENGTH, _name)
   values = _distinct(rng, fmt.keys, 9 * 10 ** (VALUE_DIGITS - 1), lambda i: str(10 ** (VALUE_DIGITS - 1) + i))
-  filler = passkey._filler(filler_chars, passkey.RANDOM, rng)  # pylint: disable=protected-access
+  filler = passkey.filler_text(filler_chars, passkey.RANDOM, rng)
   if fmt.name == "multikey":
     return _multikey(rng, names, values, filler, depth)
   if fmt.name == "mqar":
@@ -166,7 +166,7 @@ def make_train_examples(totals: tuple[int, ...], fmt: RecallFormat):
     ex = make_example(rng, fillers[int(rng.integers(len(fillers)))], fmt)
     return ex.prompt, ex.answer
 
-  return _endless(21 if fmt.name == "multikey" else 22, draw)
+  return endless(21 if fmt.name == "multikey" else 22, draw)
 
 
 def eval_examples(total_tokens: int, fmt: RecallFormat, n_examples: int = EVAL_EXAMPLES,

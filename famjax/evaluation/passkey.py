@@ -109,21 +109,13 @@ def answer(model: Transformer, vocabulary, examples: list[dict], chunk_size: int
   eos = vocabulary.eos_id
   outputs: list[Optional[str]] = [None] * len(examples)
   rows = stream.rows_per_call(chunk_size, model.config.vocab_size)
-  for batch in _batches_of_equal_length(examples, rows):
+  for batch in stream.equal_length_batches([len(ex["prompt_ids"]) for ex in examples], rows):
     tokens = np.stack([stream.with_bos(examples[i]["prompt_ids"], bos_id) for i in batch])
     last, state = stream.read_prompt(model, tokens, chunk_size, progress)
     generated = stream.greedy_continue(model, state, last, new_tokens, stop_ids=(eos,))
     for i, ids in zip(batch, generated):
       outputs[i] = vocabulary.decode(stream.cut_at_stop(ids, (eos,)))
   return outputs
-
-
-def _batches_of_equal_length(examples: list[dict], max_rows: int) -> list[list[int]]:
-  """Indices of examples grouped by prompt length (order kept), at most `max_rows` per batch."""
-  groups: dict[int, list[int]] = defaultdict(list)
-  for i, ex in enumerate(examples):
-    groups[len(ex["prompt_ids"])].append(i)
-  return [ids[k:k + max_rows] for ids in groups.values() for k in range(0, len(ids), max_rows)]
 
 
 def _per_depth(rows: list[dict]) -> list[dict]:

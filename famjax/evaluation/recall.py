@@ -104,7 +104,7 @@ def answer(model: Transformer, vocabulary, examples: list[dict], chunk_size: int
   true text before it (one streamed read of every text, equal lengths batched together)."""
   outputs: list[Optional[list[str]]] = [None] * len(examples)
   rows = stream.rows_per_call(chunk_size, model.config.vocab_size)
-  for batch in _batches_of_equal_length(examples, rows):
+  for batch in stream.equal_length_batches([len(ex["text_ids"]) for ex in examples], rows):
     # [BOS] + text without its last token: position p of the argmax predicts text token p.
     tokens = np.stack([stream.with_bos(examples[i]["text_ids"], bos_id)[:-1] for i in batch])
     shift = 0 if bos_id is not None else 1  # without BOS, position p predicts token p + 1
@@ -113,13 +113,6 @@ def answer(model: Transformer, vocabulary, examples: list[dict], chunk_size: int
       outputs[i] = [vocabulary.decode(predicted[s - shift:e - shift].tolist())
                     for s, e in examples[i]["spans"]]
   return outputs
-
-
-def _batches_of_equal_length(examples: list[dict], max_rows: int) -> list[list[int]]:
-  groups: dict[int, list[int]] = defaultdict(list)
-  for i, ex in enumerate(examples):
-    groups[len(ex["text_ids"])].append(i)
-  return [ids[k:k + max_rows] for ids in groups.values() for k in range(0, len(ids), max_rows)]
 
 
 def _per(rows: list[dict], key: str) -> list[dict]:

@@ -38,6 +38,15 @@ def rows_per_call(chunk_size: int, vocab_size: int, budget_bytes: int = LOGITS_B
   return max(1, budget_bytes // (4 * chunk_size * vocab_size))
 
 
+def equal_length_batches(lengths: Sequence[int], max_rows: int) -> list[list[int]]:
+  """Indices of texts grouped by length (order kept), at most `max_rows` per batch: the texts one
+  streamed call reads together."""
+  groups: dict[int, list[int]] = {}
+  for i, n in enumerate(lengths):
+    groups.setdefault(n, []).append(i)
+  return [ids[k:k + max_rows] for ids in groups.values() for k in range(0, len(ids), max_rows)]
+
+
 def with_bos(ids: Sequence[int], bos_id: Optional[int] = BOS_ID) -> np.ndarray:
   """[BOS] + ids as int32 (ids unchanged when bos_id is None)."""
   ids = np.asarray(ids, np.int32).reshape(-1)
