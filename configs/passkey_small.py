@@ -18,13 +18,14 @@ fam_gate (fam with the FAM write gate, ModelConfig.fam_gate: a famjax extension,
 its ablation row), bswa_m0, bswa_m1, bswa_m2 (0, 1, 2 memory segments). EXTRA_VARIANTS are the
 length-generalisation ablations of docs/passkey_small.md (`--variants=` of the experiment, or this
 file's `:NAME` directly): fam_rsp (RSP p=0.8 from the first step, the paper's), fam_rsp_late (RSP from
-half-way, on a model that already retrieves), fam_repeated (trained on the repeated-phrase filler).
+half-way, on a model that already retrieves), fam_repeated (trained on the repeated-phrase filler),
+fam_gate_rsp (fam_gate with the paper's RSP, p=0.8 from the first step).
 """
 
 from configs import base
 
 VARIANTS = ("fam", "fam_gate", "bswa_m0", "bswa_m1", "bswa_m2")
-EXTRA_VARIANTS = ("fam_rsp", "fam_rsp_late", "fam_repeated")
+EXTRA_VARIANTS = ("fam_rsp", "fam_rsp_late", "fam_repeated", "fam_gate_rsp")
 TRAIN_LENGTH = 512  # the longest training row: evaluation starts here and goes to 16x
 
 
@@ -69,10 +70,10 @@ def get_config(variant: str = "fam"):
   c.fam.rpo = False         # under exact relative angles RPO changes only rounding (spec §6)
   c.fam.rsp_prob = 0.0
 
-  if variant in ("fam", "fam_gate", "fam_rsp", "fam_rsp_late", "fam_repeated"):
+  if variant in ("fam", "fam_gate", "fam_rsp", "fam_rsp_late", "fam_repeated", "fam_gate_rsp"):
     m.attention = "fam"
-    m.fam_gate = variant == "fam_gate"
-    if variant in ("fam_rsp", "fam_rsp_late"):
+    m.fam_gate = variant in ("fam_gate", "fam_gate_rsp")
+    if variant in ("fam_rsp", "fam_rsp_late", "fam_gate_rsp"):
       c.fam.rsp_prob = 0.8
       c.fam.rsp_start_step = c.steps // 2 if variant == "fam_rsp_late" else 0
     if variant == "fam_repeated":
