@@ -311,9 +311,11 @@ def test_microbatches_give_the_same_update_and_metrics(lora_cfg, fam_cfg):
   state1, history1 = results[1]
   for k in (2, 4):
     state_k, history_k = results[k]
-    # AdamW divides by sqrt(v): a float-rounding difference in a near-zero gradient moves that weight by
-    # up to ~1e-6 of a learning rate of 1e-2; 1e-5 is a thousandth of one step's move.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    # AdamW divides by sqrt(v): a float-rounding difference in a near-zero gradient moves that weight by a
+    # fraction of a learning rate of 1e-2 (seen: 1.3e-5 on 1 of 4096 weights); 1e-4 is a hundredth of one
+    # step's move. A wrong normalisation of the microbatches shows in the metrics below (loss, grad_norm:
+    # AdamW's update itself does not see the gradient's scale).
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4),
                  state_k.trainable, state1.trainable)
     for m1, mk in zip(history1, history_k):
       for name in ("loss", "ce", "accuracy", "weight_sum", "grad_norm", "rsp_used"):
